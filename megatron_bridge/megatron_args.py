@@ -47,15 +47,35 @@ CONFIG_TABLE = [
 # Fixed facts of a Llama-shaped model in Megatron-LM's vocabulary.
 FIXED_ARGS = dict(
     position_embedding_type="rope", rotary_percent=1.0, rotary_interleaved=False, use_rotary_position_embeddings=True,
-    normalization="RMSNorm", swiglu=True, apply_layernorm_1p=False, apply_residual_connection_post_layernorm=False,
-    openai_gelu=False, squared_relu=False, bias_gelu_fusion=False, add_position_embedding=False,
+    normalization="RMSNorm", apply_layernorm_1p=False, apply_residual_connection_post_layernorm=False,
+    squared_relu=False, bias_gelu_fusion=False, add_position_embedding=False,
     hidden_dropout=0.0, attention_dropout=0.0, apply_query_key_layer_scaling=False,
     attention_softmax_in_fp32=True, init_method_std=0.02, num_experts=None, encoder_num_layers=None,
     decoder_num_layers=None, num_layers_per_virtual_pipeline_stage=None, data_parallel_size=1,
     consumed_train_samples=0, consumed_valid_samples=0, ckpt_format="torch", use_dist_ckpt=False,
-    tokenizer_type="HuggingFaceTokenizer", fp32_residual_connection=False, sequence_parallel=False,
+    fp32_residual_connection=False, sequence_parallel=False,
     context_parallel_size=1, expert_model_parallel_size=1, multi_latent_attention=False,
 )
+
+
+# The gated MLP's activation (canonical hidden_act) in Megatron-LM's flags. Both are gated linear units; the
+# tanh-approximated GELU is Megatron's `openai_gelu` (megatron.core.transformer.utils.openai_gelu). Megatron-LM's
+# own config-from-args copies `gated_linear_unit` but reads `openai_gelu` only in its legacy model, so a Gemma
+# checkpoint resumed by upstream pretrain_gpt needs activation_func=openai_gelu set there (our builder does it).
+ACTIVATION_ARGS = {
+    "silu": dict(swiglu=True, openai_gelu=False, gated_linear_unit=True),
+    "gelu_pytorch_tanh": dict(swiglu=False, openai_gelu=True, gated_linear_unit=True),
+}
+
+
+def activation_from_args(a: argparse.Namespace) -> str:
+    """The canonical hidden_act of a checkpoint's args; raises for an MLP the canonical decoder does not have."""
+    if getattr(a, "swiglu", False):
+        return "silu"
+    if getattr(a, "gated_linear_unit", False) and getattr(a, "openai_gelu", False):
+        return "gelu_pytorch_tanh"
+    raise ValueError("swiglu=False and no gated tanh-GELU (gated_linear_unit + openai_gelu): the canonical decoder "
+                     "has a gated SiLU or gated tanh-GELU MLP only")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
@@ -81,7 +101,7 @@ def llama3_rope_scaling_factor(cfg: CanonicalConfig) -> Optional[float]:
 def args_from_canonical(cfg: CanonicalConfig, *, tp: int = 1, pp: int = 1, vpp: int = 1,
                         make_vocab_size_divisible_by: int = 128, transformer_impl: str = "local",
                         seq_length: Optional[int] = None) -> argparse.Namespace:
-    a = argparse.Namespace(**FIXED_ARGS)
+    a = argparse.Namespace(**FIXED_ARGS, **ACTIVATION_ARGS[cfg.hidden_act])
     for f in CONFIG_TABLE:
         v = getattr(cfg, f.canonical)
         setattr(a, f.arg, f.to_args(v) if f.to_args else v)
@@ -112,13 +132,13 @@ def canonical_from_args(a: argparse.Namespace, base: Optional[CanonicalConfig] =
     """The canonical config of a Megatron checkpoint; `base` (recorded at import) fills what args cannot say."""
     if getattr(a, "normalization", "RMSNorm") != "RMSNorm":
         raise ValueError(f"normalization={a.normalization!r}: the canonical decoder uses RMSNorm")
-    if not getattr(a, "swiglu", False):
-        raise ValueError("swiglu=False: the canonical decoder has a gated SiLU MLP")
+    hidden_act = activation_from_args(a)
     if getattr(a, "position_embedding_type", "rope") != "rope":
         raise ValueError(f"position_embedding_type={a.position_embedding_type!r}: only rope is supported")
     if getattr(a, "num_experts", None):
         raise ValueError(f"num_experts={a.num_experts}: mixture-of-experts checkpoints are not supported")
     values = base.to_dict() if base else {}
+    values["hidden_act"] = hidden_act
     for f in CONFIG_TABLE:
         v = getattr(a, f.arg, None)
         if v is None:

@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bridge.layout import LAYER_PARAMS, TE_EXTRA_STATE
-from megatron_bridge.megatron_args import parallel_sizes
+from megatron_bridge.megatron_args import activation_from_args, parallel_sizes
+
+
+def _activation(args: argparse.Namespace):
+    """The gated MLP's activation the args ask for: SiLU (swiglu) or Megatron's tanh GELU (openai_gelu, Gemma)."""
+    from megatron.core.transformer.utils import openai_gelu
+
+    return {"silu": F.silu, "gelu_pytorch_tanh": openai_gelu}[activation_from_args(args)]
 
 
 def transformer_config(args: argparse.Namespace):
@@ -25,7 +32,7 @@ def transformer_config(args: argparse.Namespace):
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=ng, ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
         normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        activation_func=_activation(args), add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=getattr(args, "qk_layernorm", False), hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,

@@ -50,6 +50,10 @@ class Kind:
     def merge(self, shards: Sequence[torch.Tensor], shape: Shape) -> list[torch.Tensor]:
         raise TypeError(f"{type(self).__name__} has no merge rule")
 
+    def shard(self, tensors: Sequence[torch.Tensor], tp: int, rank: int, shape: Shape) -> torch.Tensor:
+        """Rank `rank`'s piece alone (equal to `split(...)[rank]`); kinds override it to skip building the rest."""
+        return self.split(tensors, tp, shape)[rank]
+
 
 class Replicated(Kind):
     name = "replicated"
@@ -91,16 +95,30 @@ class VocabParallel(Kind):
 
     name = "vocab"
 
-    def split(self, tensors, tp, shape):
-        t = tensors[0]
+    @staticmethod
+    def _check(t: torch.Tensor, tp: int, shape: Shape) -> None:
         if t.shape[0] != shape.vocab_size:
             raise ValueError(f"vocab tensor has {t.shape[0]} rows, config says vocab_size={shape.vocab_size}")
+        if shape.padded_vocab_size < shape.vocab_size or shape.padded_vocab_size % tp:
+            raise ValueError(f"padded_vocab_size={shape.padded_vocab_size} must be >= vocab_size="
+                             f"{shape.vocab_size} and divisible by TP={tp}")
+
+    def split(self, tensors, tp, shape):
+        t = tensors[0]
+        self._check(t, tp, shape)
         pad = shape.padded_vocab_size - t.shape[0]
-        if pad < 0:
-            raise ValueError(f"padded_vocab_size={shape.padded_vocab_size} < vocab_size={shape.vocab_size}")
         if pad:
             t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))], dim=0)
         return _chunks(t, tp, 0, "vocab-parallel")
+
+    def shard(self, tensors, tp, rank, shape):
+        t = tensors[0]
+        self._check(t, tp, shape)
+        per = shape.padded_vocab_size // tp
+        start, end = rank * per, (rank + 1) * per
+        real = t[min(start, shape.vocab_size):min(end, shape.vocab_size)]
+        pad = per - real.shape[0]
+        return torch.cat([real, real.new_zeros((pad,) + tuple(t.shape[1:]))]) if pad else real
 
     def merge(self, shards, shape):
         full = torch.cat(list(shards), dim=0)
@@ -140,6 +158,27 @@ class QKV(Kind):
     def split(self, tensors, tp, shape):
         return _chunks(pack_qkv(*tensors, shape), tp, 0, "linear_qkv")
 
+    def shard(self, tensors, tp, rank, shape):
+        q, k, v = tensors
+        ng, hd = shape.num_groups, shape.head_dim
+        per = shape.num_heads // ng
+        block = (per + 2) * hd
+        total = ng * block
+        if total % tp:
+            raise ValueError(f"linear_qkv: size {total} along dim 0 is not divisible by TP={tp}")
+        lo, hi = rank * total // tp, (rank + 1) * total // tp
+        pieces = []
+        for g in range(lo // block, (hi - 1) // block + 1):
+            # group g occupies [g*block, (g+1)*block) = q rows, then k rows, then v rows
+            parts = [(q, g * per * hd, per * hd), (k, g * hd, hd), (v, g * hd, hd)]
+            pos = g * block
+            for src, first, n in parts:
+                a, b = max(lo, pos), min(hi, pos + n)
+                if a < b:
+                    pieces.append(src[first + a - pos:first + b - pos])
+                pos += n
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
     def merge(self, shards, shape):
         return unpack_qkv(torch.cat(list(shards), dim=0), shape)
 
@@ -152,6 +191,10 @@ class GatedMLP(Kind):
         gate, up = tensors
         return [torch.cat([g, u], dim=0) for g, u in
                 zip(_chunks(gate, tp, 0, "gate_proj"), _chunks(up, tp, 0, "up_proj"))]
+
+    def shard(self, tensors, tp, rank, shape):
+        gate, up = tensors
+        return torch.cat([_chunks(gate, tp, 0, "gate_proj")[rank], _chunks(up, tp, 0, "up_proj")[rank]], dim=0)
 
     def merge(self, shards, shape):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]

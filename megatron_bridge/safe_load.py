@@ -17,6 +17,9 @@ import torch
 from checkpoint_tools.safetensors_io import CheckpointError
 
 _ALLOWED_PATHS = [
+    "argparse.Namespace",
+    "_io.BytesIO",
+    "io.BytesIO",
     "megatron.core.transformer.enums.AttnBackend",
     "megatron.core.transformer.enums.AttnMaskType",
     "megatron.core.transformer.enums.AttnType",
@@ -44,27 +47,32 @@ def _resolve(path: str) -> Any:
         return None
 
 
-def allowed_globals(extra: Iterable[str] = ()) -> list[Any]:
-    found = [argparse.Namespace, io.BytesIO]
-    for p in [*_ALLOWED_PATHS, *extra]:
-        obj = _resolve(p)
-        if obj is not None and obj not in found:
-            found.append(obj)
-    return found
-
-
 def safe_torch_load(path: str, *, mmap: bool = True, extra_globals: Iterable[str] = ()) -> Any:
-    """torch.load with weights_only and the allow-list; tensors stay memory-mapped when `mmap`."""
+    """torch.load with weights_only and the allow-list; tensors stay memory-mapped when `mmap`.
+
+    The pickle is scanned for the globals it names first, so a refusal lists all of them at once and only the
+    allowed modules it needs are imported (megatron-core's import alone costs seconds).
+    """
     try:
-        with torch.serialization.safe_globals(allowed_globals(extra_globals)):
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 - zip or pickle damage both mean the file is unusable
+        raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({e})") from None
+    allowed = set(_ALLOWED_PATHS) | set(extra_globals)
+    refused = sorted(g for g in needed if g not in allowed)
+    if refused:
+        raise CheckpointError(
+            f"{path}: refused to unpickle globals outside the allow-list: {refused}. If you trust this file, "
+            f"pass --allow-global MODULE.NAME for each")
+    objects = [argparse.Namespace]
+    for g in needed:
+        obj = _resolve(g)
+        if obj is None:
+            raise CheckpointError(f"{path}: needs {g}, which cannot be imported here")
+        objects.append(obj)
+    try:
+        with torch.serialization.safe_globals(objects):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - the listing is a courtesy; the refusal stands either way
-            unsafe = []
-        raise CheckpointError(
-            f"{path}: refused to unpickle globals outside the allow-list {unsafe or ''} ({e}). If you trust this "
-            f"file, pass --allow-global MODULE.NAME for each") from None
+        raise CheckpointError(f"{path}: refused by the weights-only unpickler ({e})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: truncated or not a torch checkpoint ({e})") from None

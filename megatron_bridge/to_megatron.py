@@ -23,8 +23,12 @@ from megatron_bridge.param_kinds import Kind, Shape, check_tp
 
 
 def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> torch.Tensor:
-    # clone(): a saved view would pickle its whole (memory-mapped) storage
-    return kind.split(tensors, tp, shape)[tp_rank].clone()
+    piece = kind.shard(tensors, tp, tp_rank, shape)
+    # A view of an input would pickle its whole (memory-mapped) storage: copy it; a fresh tensor is kept as is.
+    inputs = {t.untyped_storage().data_ptr() for t in tensors}
+    if piece.untyped_storage().data_ptr() in inputs or not piece.is_contiguous():
+        piece = piece.clone(memory_format=torch.contiguous_format)
+    return piece
 
 
 def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:

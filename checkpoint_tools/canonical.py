@@ -40,6 +40,9 @@ LAYER_TENSORS = {
     "down_bias": "model.layers.{i}.mlp.down_proj.bias",
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Gated-MLP activations (Hugging Face ACT2FN names) the canonical decoder and Megatron both run: SwiGLU, and Gemma's
+# tanh-approximated GeGLU.
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 @dataclass
@@ -77,8 +80,9 @@ class CanonicalConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act={self.hidden_act!r}: the canonical decoder is SwiGLU (silu) only")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: the canonical decoder's gated MLP supports "
+                             f"{list(ACTIVATIONS)} only")
 
     @property
     def torch_dtype(self) -> torch.dtype:

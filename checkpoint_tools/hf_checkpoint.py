@@ -15,10 +15,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_tools.atomic_dir import atomic_directory
-from checkpoint_tools.canonical import (CanonicalConfig, TensorSource, check_tensor_set, expected_shapes,
-                                        expected_tensor_names, EMBED)
+from checkpoint_tools.canonical import CanonicalConfig, TensorSource, check_tensor_set, expected_tensor_names
 from checkpoint_tools.families import get_family
-from checkpoint_tools.families.base import Family
+from checkpoint_tools.families.base import Family, hf_tensor_problems
 from checkpoint_tools.safetensors_io import (DTYPE_NAMES, CheckpointError, SafetensorsDir,
                                              ShardedSafetensorsWriter, TensorSpec, INDEX_NAME)
 
@@ -55,46 +54,52 @@ def copy_assets(src_dir: str, dst_dir: str) -> list[str]:
 
 
 class HFSource(TensorSource):
-    """Canonical view of a Hugging Face checkpoint folder (memory-mapped, nothing read up front)."""
+    """Canonical view of a Hugging Face checkpoint folder (memory-mapped, nothing read up front).
+
+    The family's links say which HF tensors make which canonical ones (renamed, split from a fused tensor, folded);
+    the tensors of the last link read stay cached, so q, k and v of one fused tensor cost one read.
+    """
 
     def __init__(self, path: str, family: Optional[Family] = None):
         self.path = path
         self.hf_config = read_hf_config(path)
         self.family = family or get_family(self.hf_config.get("model_type", "?"))
         self.weights = SafetensorsDir(path)
-        self._hf_name: dict[str, str] = {}
-        unknown = []
-        for hf_name in self.weights.names():
-            try:
-                canon = self.family.hf_to_canonical_name(hf_name)
-            except KeyError:
-                unknown.append(hf_name)
-                continue
-            if canon is not None:
-                self._hf_name[canon] = hf_name
+        known = {n: self.family.knows_hf_name(n) for n in self.weights.names()}
+        unknown = [n for n, k in known.items() if k is None]
         if unknown:
             raise CheckpointError(f"{path}: tensors no {self.family.model_type} mapping knows (never dropped "
                                   f"silently): {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
         dtype = None
-        if EMBED in self._hf_name:
-            dtype = DTYPE_NAMES[self.weights.spec(self._hf_name[EMBED]).dtype]
+        embed = self.family.embed_hf_name()
+        if embed in known:
+            dtype = DTYPE_NAMES[self.weights.spec(embed).dtype]
             dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(dtype, dtype)
         self.config: CanonicalConfig = self.family.config_to_canonical(self.hf_config, dtype=dtype)
         self.config.extra["hf_model_type"] = self.family.model_type
-        names = list(self._hf_name)
-        check_tensor_set(self.config, names, {n: self.weights.spec(h).shape for n, h in self._hf_name.items()})
+        links = self.family.links(self.config, self.hf_config)
+        present = {n: tuple(self.weights.spec(n).shape) for n, k in known.items() if k}
+        problems = hf_tensor_problems(links, present, self.config)
+        if problems:
+            raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
+        self._where = {c: (link, j) for link in links for j, c in enumerate(link.canonical)}
         self._order = expected_tensor_names(self.config)
+        self._cache: tuple = (None, None)
 
     def names(self) -> list[str]:
         return list(self._order)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.weights.get(self._hf_name[name])
+        link, j = self._where[name]
+        if self._cache[0] is not link:
+            self._cache = (link, link.to_canonical([self.weights.get(h) for h in link.hf]))
+        return self._cache[1][j]
 
     def dtype_of(self, name: str) -> torch.dtype:
-        return self.weights.spec(self._hf_name[name]).dtype
+        return self.weights.spec(self._where[name][0].hf[0]).dtype
 
     def release(self) -> None:
+        self._cache = (None, None)
         self.weights.release()
 
 
@@ -108,19 +113,22 @@ def default_generation_config(cfg: CanonicalConfig) -> dict:
 
 def write_hf_checkpoint(source: TensorSource, dst: str, family: Family, *, base_config: Optional[dict] = None,
                         assets_dir: Optional[str] = None, max_shard_bytes: int = 2 * 1024**3,
-                        force: bool = False, progress: bool = True) -> str:
-    """Stream `source` into a new HF checkpoint folder `dst` (atomically). Returns `dst`."""
+                        force: bool = False, progress: bool = True, carry_config: Optional[dict] = None) -> str:
+    """Stream `source` into a new HF checkpoint folder `dst` (atomically). Returns `dst`.
+
+    `base_config` is a config of the same family written over; `carry_config` one of another family, whose
+    bookkeeping keys (initializer_range, use_cache, ...) are kept.
+    """
     cfg = source.config
-    hf_config = family.config_from_canonical(cfg, base_config)
-    names = expected_tensor_names(cfg)
     check_tensor_set(cfg, source.names())
-    shapes = expected_shapes(cfg)
-    specs = [TensorSpec(family.canonical_to_hf_name(n), shapes[n], source.dtype_of(n)) for n in names]
+    plan = family.plan_write(source, base_config, carry_config)  # refuses, naming it, what the family cannot express
+    hf_config = plan.hf_config
+    specs = [TensorSpec(name, shape, dtype) for name, shape, dtype in plan.specs()]
     with atomic_directory(dst, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
-        for n, spec in tqdm(list(zip(names, specs)), desc=f"writing {os.path.basename(dst)}", unit="tensor",
-                            disable=not progress):
-            writer.write(spec.name, source.get(n))
+        for link in tqdm(plan.links, desc=f"writing {os.path.basename(dst)}", unit="tensor", disable=not progress):
+            for name, t in zip(link.hf, link.to_hf(plan.inputs(link))):
+                writer.write(name, t)
             source.release()
         writer.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:

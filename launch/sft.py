@@ -104,6 +104,15 @@ def _split_passthrough(unknown: list[str]) -> list[str]:
     return unknown
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def training_arguments(args: argparse.Namespace, passthrough: list[str], has_eval: bool):
     """``TrainingArguments`` from our options, then pass-through options (which win), parsed by HfArgumentParser."""
     from transformers import HfArgumentParser, TrainingArguments
@@ -138,11 +147,18 @@ def training_arguments(args: argparse.Namespace, passthrough: list[str], has_eva
         # Our collator needs the channel fields that the column filter would remove; eval keeps only the loss.
         "--remove_unused_columns", "false",
         "--prediction_loss_only", "true",
+        # Every parameter that requires grad takes part in a decoder's forward; searching for unused ones costs a
+        # graph traversal per step.
+        "--ddp_find_unused_parameters", "false",
     ]
     if has_eval:
         hf += ["--eval_strategy", "steps", "--eval_steps", str(args.eval_steps or args.save_steps)]
     if deepspeed:
         hf += ["--deepspeed", deepspeed]
+    if not _has_accelerator():
+        # accelerate sets up multi-process CPU training (gloo) only when told it runs on the CPU; without this,
+        # torchrun on a CPU-only machine starts N independent trainers that each see all the data.
+        hf += ["--use_cpu", "true"]
     (targs,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=hf + passthrough)
     return targs
 

@@ -105,3 +105,21 @@ def test_check_tp_names_values_and_choices():
     msg = str(e.value)
     assert "num_attention_heads=9 is not divisible by TP=2" in msg and "use TP in [1, 3]" in msg
     check_tp(3, Shape(num_heads=9, num_groups=3, head_dim=64), ffn_hidden_size=1536)
+
+
+@pytest.mark.parametrize("tp,ng,bias", CASES)
+def test_single_rank_shard_equals_split(tp, ng, bias):
+    """`shard` (what the streaming writer uses) is exactly `split(...)[rank]` for every kind."""
+    if NQ % tp or ng not in _groups(tp):
+        return
+    rest = () if bias else (HIDDEN,)
+    vocab = 250
+    shape = Shape(NQ, ng, HD, vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp, 128))
+    qkv = [torch.randn((NQ * HD,) + rest), torch.randn((ng * HD,) + rest), torch.randn((ng * HD,) + rest)]
+    mlp = [torch.randn(24, HIDDEN), torch.randn(24, HIDDEN)]
+    emb = [torch.randn(vocab, HIDDEN)]
+    w = [torch.randn(24, 48)]
+    for kind, ts in [(QKV_KIND, qkv), (GATED_MLP, mlp), (VOCAB, emb), (COLUMN, w), (ROW, w), (REPLICATED, w)]:
+        full = kind.split(ts, tp, shape)
+        for r in range(tp):
+            assert torch.equal(kind.shard(ts, tp, r, shape), full[r]), (kind.name, r)

@@ -1,7 +1,9 @@
 """Llama 1/2/3/3.x (and Llama-shaped checkpoints such as SmolLM2): the canonical form itself.
 
 Canonical tensor names are Llama's, so the tensor table is the identity; the config table maps HF keys to
-canonical ones. Llama ties q/k/v/o biases to one switch (`attention_bias`) and has no q/k norm.
+canonical ones. Llama ties q/k/v/o biases to one switch (`attention_bias`: a model with q/k/v bias only, as Qwen2,
+gets a zero o_proj bias) and has no q/k norm. `LlamaForCausalLM` runs any `hidden_act`, so Gemma's tanh-GELU gate
+is expressible here.
 """
 from checkpoint_tools.canonical import LAYER_TENSORS, CanonicalConfig, EMBED, FINAL_NORM, LM_HEAD
 from checkpoint_tools.families.base import ConfigField, Family, Rename
@@ -9,13 +11,8 @@ from checkpoint_tools.families.base import ConfigField, Family, Rename
 
 def _check_canonical(cfg: CanonicalConfig) -> None:
     if cfg.qk_norm:
-        raise ValueError("LlamaForCausalLM has no per-head q/k RMSNorm (qk_norm); convert to Megatron or to a "
-                         "family that has it (qwen3) instead")
-    if cfg.qkv_bias != cfg.o_bias:
-        raise ValueError(f"LlamaForCausalLM's attention_bias covers q/k/v and o together; this model has "
-                         f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias} (add a zero o_proj bias to express it)")
-    if cfg.hidden_act != "silu":
-        raise ValueError(f"hidden_act={cfg.hidden_act!r} is not Llama's silu")
+        raise ValueError("LlamaForCausalLM has no per-head q/k RMSNorm (qk_norm, as in Qwen3); it cannot be "
+                         "expressed, so nothing was written: convert to Megatron (q/k layernorm) or to qwen3 instead")
 
 
 def _check_hf(hf: dict) -> None:
@@ -44,13 +41,18 @@ CONFIG = [
     ConfigField("pad_token_id", "pad_token_id", default=None),
 ]
 
+# The identity table; Llama-named families (Mistral, Qwen2/3, InternLM3) reuse it.
+TENSORS = [Rename(n, n) for n in [EMBED, FINAL_NORM, LM_HEAD, *LAYER_TENSORS.values()]]
+DROP = (r"\.rotary_emb\.inv_freq$",)
+
 FAMILY = Family(
     model_type="llama",
     architecture="LlamaForCausalLM",
     config_fields=CONFIG,
-    tensors=[Rename(n, n) for n in [EMBED, FINAL_NORM, LM_HEAD, *LAYER_TENSORS.values()]],
+    tensors=TENSORS,
     passthrough_keys=frozenset({"pretraining_tp"}),
-    drop_tensors=(r"\.rotary_emb\.inv_freq$",),
+    bias_groups=(("qkv_bias", "o_bias"),),
+    drop_tensors=DROP,
     check_hf_config=_check_hf,
     check_canonical=_check_canonical,
 )

@@ -6,6 +6,7 @@ RUN := $(if $(DRY_RUN),@echo,)
 
 SRC ?=
 DST ?=
+TO ?=
 TP ?=
 PP ?=
 VPP ?=
@@ -30,8 +31,13 @@ test: install
 	$(RUN) $(PYTHON) -m pytest -q tests $(ARGS)
 
 convert: install
-	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make convert SRC=<dir> DST=<dir> [TP=n PP=n VPP=n FORMAT=legacy] [ARGS='--force ...']"; exit 2; }
-	$(RUN) $(PYTHON) -m launch convert $(SRC) $(DST) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(ARGS)
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make convert SRC=<dir> DST=<dir> [TO=<family|megatron>] [TP=n PP=n VPP=n FORMAT=legacy] [ARGS='--force ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch convert $(SRC) $(DST) $(if $(TO),--to $(TO)) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(ARGS)
+
+# Aliases: make trans_qwen_to_llama SRC=<dir> DST=<dir> (any trans_<family|megatron>_to_<family|megatron>)
+trans_%: install
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make $@ SRC=<dir> DST=<dir> [TP=n PP=n VPP=n] [ARGS='--force ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch $@ $(SRC) $(DST) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(ARGS)
 
 verify: install
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make verify SRC=<hf dir> DST=<megatron dir>"; exit 2; }

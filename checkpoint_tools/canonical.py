@@ -192,3 +192,24 @@ def check_tensor_set(cfg: CanonicalConfig, names: list[str], shapes: dict[str, t
             problems.append(f"shape mismatches ({len(bad)}): {bad[:20]}")
     if problems:
         raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+class CastSource(TensorSource):
+    """A source whose floating-point tensors are cast to `dtype` on the way through (the `--dtype` option)."""
+
+    def __init__(self, inner: TensorSource, dtype: torch.dtype):
+        self.inner, self.dtype = inner, dtype
+        self.config = CanonicalConfig.from_dict({**inner.config.to_dict(), "dtype": str(dtype).split(".")[-1]})
+
+    def names(self):
+        return self.inner.names()
+
+    def get(self, name):
+        t = self.inner.get(name)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def dtype_of(self, name):
+        return self.dtype
+
+    def release(self):
+        self.inner.release()

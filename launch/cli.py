@@ -1,6 +1,8 @@
 """The project's command line: `python -m launch <command>` (also installed as `workbench`).
 
-    convert   HF <-> Megatron, or Megatron resharding; the source format is detected
+    convert   HF family <-> HF family <-> Megatron, or Megatron resharding; the source format is detected
+    trans_<src>_to_<dst>   convert with the source family checked, e.g. trans_qwen_to_llama SRC DST,
+              trans_llama_to_qwen, trans_gemma_to_megatron --tp 2, trans_megatron_to_granite
     verify    bit-exact round trip + megatron-core logits against Hugging Face, as a table
     demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
     plot      TensorBoard channel-loss curves of a run -> PNG
@@ -23,15 +25,17 @@ def parse_size(text: str) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    """Convert a checkpoint. A Hugging Face source becomes a Megatron checkpoint at TP x PP (x VPP); a Megatron
-    source becomes a Hugging Face checkpoint when --tp/--pp are not given, or is resharded when they are."""
+    """Convert a checkpoint. A Hugging Face source becomes a Megatron checkpoint at TP x PP (x VPP), or with
+    --to <family> a Hugging Face checkpoint of that family; a Megatron source becomes a Hugging Face checkpoint
+    (of its recorded family, or --to <family>) when --tp/--pp are not given, or is resharded when they are.
+    Aliases: trans_<src>_to_<dst> SRC DST (e.g. trans_qwen_to_llama) check the source and set --to."""
     from megatron_bridge.convert import ConvertOptions, convert
 
     opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names,
                           make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
                           tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
                           force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
-    what, dst = convert(a.src, a.dst, opts, to=a.to)
+    what, dst = convert(a.src, a.dst, opts, to=a.to, source=a.source)
     print(f"{what}: wrote {dst}")
     return 0
 
@@ -72,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, help="tensor-parallel size of the Megatron output")
     c.add_argument("--pp", type=int, help="pipeline-parallel size of the Megatron output")
     c.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (default 1)")
-    c.add_argument("--to", help="force the target: 'megatron', or a family model_type such as 'llama'")
+    c.add_argument("--to", help="the target: 'megatron' or a family (llama, mistral, qwen2, qwen3, phi3, gemma, "
+                                "granite, internlm2, internlm3, baichuan, Yi; aliases such as qwen, baichuan2)")
+    c.add_argument("--from", dest="source", metavar="FAMILY",
+                   help="refuse a source that is not this family (or 'megatron'); the trans_X_to_Y aliases set it")
     c.add_argument("--names", choices=["local", "te"], default="local",
                    help="Megatron parameter names: local spec or Transformer Engine (default local)")
     c.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -113,7 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def expand_alias(argv: list[str]) -> list[str]:
+    """`trans_qwen_to_llama SRC DST ...` -> `convert SRC DST ... --from qwen2 --to llama` (other argv unchanged)."""
+    i = next((j for j, x in enumerate(argv) if not x.startswith("-")), None)
+    if i is None or not argv[i].startswith("trans_"):
+        return argv
+    from megatron_bridge.convert import parse_alias
+
+    pair = parse_alias(argv[i])
+    if pair is None:
+        return argv
+    return [*argv[:i], "convert", *argv[i + 1:], "--from", pair[0], "--to", pair[1]]
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_alias(argv)
+    except ValueError as e:  # trans_<unknown>_to_...: list what is supported
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from checkpoint_tools.canonical import CanonicalConfig, TensorSource
+from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
 from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.safetensors_io import CheckpointError
@@ -43,27 +43,6 @@ def detect_format(path: str) -> str:
         raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a "
                               f"Megatron checkpoint ({legacy_format.TRACKER})")
     return found[0]
-
-
-class CastSource(TensorSource):
-    """A source whose floating-point tensors are cast to `dtype` on the way through."""
-
-    def __init__(self, inner: TensorSource, dtype: torch.dtype):
-        self.inner, self.dtype = inner, dtype
-        self.config = CanonicalConfig.from_dict({**inner.config.to_dict(), "dtype": str(dtype).split(".")[-1]})
-
-    def names(self):
-        return self.inner.names()
-
-    def get(self, name):
-        t = self.inner.get(name)
-        return t.to(self.dtype) if t.is_floating_point() else t
-
-    def dtype_of(self, name):
-        return self.dtype
-
-    def release(self):
-        self.inner.release()
 
 
 @dataclass

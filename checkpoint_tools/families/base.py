@@ -81,14 +81,18 @@ def rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:
     return float(theta), scaling
 
 
-def rope_to_hf(cfg: CanonicalConfig, base: Optional[dict]) -> dict:
-    """Rope keys in the style of `base` (4.x or 5.x); 5.x style when there is no base.
+def rope_to_hf(cfg: CanonicalConfig, base: Optional[dict], legacy: bool = False) -> dict:
+    """Rope keys in the style of `base` (4.x or 5.x); without a base, 5.x style, or 4.x when `legacy` (remote-code
+    families written for transformers 4.x read `rope_theta` and `rope_scaling: {"type": ...}`).
 
     When `base` already says the same thing, its keys stay as they are (a round trip keeps e.g. Phi-3's
     `partial_rotary_factor: 1.0`).
     """
     if base is not None and rope_from_hf(base) == (cfg.rope_theta, cfg.rope_scaling):
         return {}
+    if base is None and legacy:
+        rs = dict(cfg.rope_scaling or {})
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": {"type": rs.pop("rope_type"), **rs} if rs else None}
     if base is not None and "rope_parameters" not in base and "rope_theta" in base:
         return {"rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling}
     params = dict(cfg.rope_scaling) if cfg.rope_scaling else {"rope_type": "default"}
@@ -408,6 +412,9 @@ class Family:
     bias_groups: tuple[tuple[str, ...], ...] = ()
     # False for families whose code fixes the rotary base at 10000 and has no rope keys (Baichuan2-7B).
     rope_keys: bool = True
+    # Remote-code families written against transformers 4.x: without a base config, rope keys in 4.x style
+    # (`rope_theta`, `rope_scaling: {"type": ...}`) and `torch_dtype`, which is what their code reads.
+    legacy_config: bool = False
     # HF tensor names that hold no weights (e.g. rotary inv_freq buffers): dropped on purpose, by pattern.
     drop_tensors: tuple[str, ...] = ()
     # Called with the HF config dict before the table is applied; raises for what canonical can't hold.
@@ -487,8 +494,9 @@ class Family:
             if k not in out:
                 out[k] = d(cfg) if callable(d) else d
         if self.rope_keys:
-            out.update(rope_to_hf(cfg, base))
-        out["torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"] = cfg.dtype
+            out.update(rope_to_hf(cfg, base, legacy=self.legacy_config))
+        legacy_dtype = ("torch_dtype" in out or (base is None and self.legacy_config)) and "dtype" not in out
+        out["torch_dtype" if legacy_dtype else "dtype"] = cfg.dtype
         return out
 
     def widen(self, cfg: CanonicalConfig) -> CanonicalConfig:
@@ -631,3 +639,13 @@ def refuse_sliding_window(hf: dict) -> None:
 def fields_without(fields: list[ConfigField], *hf_keys: str) -> list[ConfigField]:
     """A copy of a config table without the given HF keys (to start a family from Llama's table)."""
     return [f for f in fields if f.hf_key not in hf_keys]
+
+
+def rope_scaling_limited_to(family: str, *types: str) -> Callable[[CanonicalConfig], None]:
+    """A check_canonical for families whose code knows only some rope scalings (Phi-3: LongRoPE; InternLM2)."""
+    def check(cfg: CanonicalConfig) -> None:
+        kind = (cfg.rope_scaling or {}).get("rope_type")
+        if cfg.rope_scaling and kind not in types:
+            raise ValueError(f"{family} cannot express rope scaling of type {kind!r} (its code knows "
+                             f"{list(types) or 'none'}); nothing was written")
+    return check

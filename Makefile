@@ -31,8 +31,8 @@ test: install
 	$(RUN) $(PYTHON) -m pytest -q tests $(ARGS)
 
 convert: install
-	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make convert SRC=<dir> DST=<dir> [TO=<family|megatron>] [TP=n PP=n VPP=n FORMAT=legacy] [ARGS='--force ...']"; exit 2; }
-	$(RUN) $(PYTHON) -m launch convert $(SRC) $(DST) $(if $(TO),--to $(TO)) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(ARGS)
+	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make convert SRC=<dir> DST=<dir> [TO=<family|megatron>] [TP=n PP=n VPP=n FORMAT=legacy|torch_dist] [ARGS='--force ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch convert $(SRC) $(DST) $(if $(TO),--to $(TO)) $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(if $(VPP),--vpp $(VPP)) $(if $(FORMAT),--format $(FORMAT)) $(ARGS)
 
 # Aliases: make trans_qwen_to_llama SRC=<dir> DST=<dir> (any trans_<family|megatron>_to_<family|megatron>)
 trans_%: install

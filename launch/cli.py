@@ -4,6 +4,7 @@
     trans_<src>_to_<dst>   convert with the source family checked, e.g. trans_qwen_to_llama SRC DST,
               trans_llama_to_qwen, trans_gemma_to_megatron --tp 2, trans_megatron_to_granite
     verify    bit-exact round trip + megatron-core logits against Hugging Face, as a table
+    inspect   format, layout, names, architecture, parameter count, dtypes, size, optimizer state
     demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
     plot      TensorBoard channel-loss curves of a run -> PNG
 """
@@ -31,7 +32,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     Aliases: trans_<src>_to_<dst> SRC DST (e.g. trans_qwen_to_llama) check the source and set --to."""
     from megatron_bridge.convert import ConvertOptions, convert
 
-    opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names,
+    opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names, format=a.format,
                           make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
                           tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
                           force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
@@ -48,6 +49,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
                     round_trip=not a.no_round_trip, logits=not a.no_logits)
     print(report.table())
     return 0 if report.ok else 1
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    """Describe a checkpoint (Hugging Face, Megatron legacy or torch_dist) without loading its tensors."""
+    import json
+
+    from megatron_bridge.inspect_checkpoint import inspect, render
+
+    info = inspect(a.path)
+    print(json.dumps(info, indent=2, default=str) if a.json else render(info))
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -80,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "granite, internlm2, internlm3, baichuan, Yi; aliases such as qwen, baichuan2)")
     c.add_argument("--from", dest="source", metavar="FAMILY",
                    help="refuse a source that is not this family (or 'megatron'); the trans_X_to_Y aliases set it")
+    c.add_argument("--format", choices=["legacy", "torch_dist"],
+                   help="Megatron output format: legacy mp_rank_* pickles or torch_dist (dist_checkpointing); "
+                        "default legacy from Hugging Face, else the source's format")
     c.add_argument("--names", choices=["local", "te"], default="local",
                    help="Megatron parameter names: local spec or Transformer Engine (default local)")
     c.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -105,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-round-trip", action="store_true", help="skip the Megatron -> HF bit-exact check")
     v.add_argument("--no-logits", action="store_true", help="skip the megatron-core logits check")
     v.set_defaults(func=cmd_verify)
+
+    i = sub.add_parser("inspect", help="describe a checkpoint", description=cmd_inspect.__doc__)
+    i.add_argument("path", help="checkpoint folder")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="SmolLM2 end to end", description=cmd_demo.__doc__)
     d.add_argument("--work-dir", default="work_dirs/demo", help="where the demo writes its checkpoints")

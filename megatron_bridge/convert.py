@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -20,7 +21,8 @@ from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
 from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.safetensors_io import CheckpointError
-from megatron_bridge import legacy_format, sidecar
+from checkpoint_tools.atomic_dir import atomic_directory, check_destination
+from megatron_bridge import legacy_format, sidecar, torch_dist_format
 from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.megatron_args import args_from_canonical, padded_vocab_size
 from megatron_bridge.to_megatron import write_legacy
@@ -36,7 +38,7 @@ def detect_format(path: str) -> str:
     if is_hf_checkpoint(path):
         found.append("hf")
     if legacy_format.is_legacy_checkpoint(path):
-        found.append("megatron_legacy")
+        found.append("megatron_torch_dist" if torch_dist_format.is_torch_dist_checkpoint(path) else "megatron_legacy")
     if len(found) > 1:
         raise CheckpointError(f"{path}: holds more than one checkpoint format ({found}); separate them")
     if not found:
@@ -56,6 +58,9 @@ class ConvertOptions:
     tokenizer: Optional[str] = None
     vocab_size: Optional[int] = None
     max_shard_bytes: int = 2 * 1024**3
+    # Megatron output format: "legacy" (mp_rank_* torch pickles) or "torch_dist"; None = legacy from HF, else the
+    # source's own format.
+    format: Optional[str] = None
     force: bool = False
     progress: bool = True
     allow_globals: Iterable[str] = field(default_factory=tuple)
@@ -101,8 +106,10 @@ def megatron_to_hf(src: str, dst: str, opts: ConvertOptions, family: Optional[st
 def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
     source, meta = open_megatron(src, opts)
     source = _cast(source, opts.dtype)
-    old = source.inner.ckpt.args if isinstance(source, CastSource) else source.ckpt.args
-    fresh = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.vpp,
+    ckpt = source.inner.ckpt if isinstance(source, CastSource) else source.ckpt
+    old = ckpt.args
+    fresh = args_from_canonical(source.config, tp=opts.tp or ckpt.tp, pp=opts.pp or ckpt.pp,
+                                vpp=opts.vpp if (opts.tp or opts.pp or opts.vpp != 1) else ckpt.vpp,
                                 make_vocab_size_divisible_by=getattr(old, "make_vocab_size_divisible_by", 128),
                                 transformer_impl=opts.name_style)
     # Keep the training hyperparameters of the source run; only the layout and what depends on it change.
@@ -112,10 +119,91 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
         "params_dtype", "bf16", "fp16")}})
     args.padded_vocab_size = padded_vocab_size(source.config.vocab_size, args.tensor_model_parallel_size,
                                                args.make_vocab_size_divisible_by)
-    it = source.inner.ckpt.iteration if isinstance(source, CastSource) else source.ckpt.iteration
+    it = ckpt.iteration
     return write_legacy(source, dst, args, style=opts.name_style, iteration=it,
                         copy_sidecar_from=src if meta else None, family="llama", force=opts.force,
                         progress=opts.progress)
+
+
+def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
+    """Save a legacy checkpoint as torch_dist at the same layout, through megatron-core's own dist_checkpointing
+    (torchrun with one process per model rank, each holding its rank's shard)."""
+    from megatron_bridge.verify import run_mcore_jobs
+
+    ckpt = legacy_format.open_legacy(src, extra_globals=opts.allow_globals)
+    if ckpt.has_optimizer_state:
+        log.warning("%s holds optimizer state; torch_dist output keeps model weights only", src)
+    with atomic_directory(dst, force=opts.force) as tmp:
+        out_dir = os.path.join(tmp, legacy_format.iteration_dir_name(ckpt.iteration))
+        run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_torch_dist", "out_dir": out_dir,
+                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp)
+        legacy_format.write_tracker(tmp, ckpt.iteration)
+        sidecar.copy_sidecar(src, tmp)
+    return dst
+
+
+def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
+    """Load a torch_dist checkpoint into megatron-core at the requested layout (default: the saved one; megatron-core
+    reshards at load) and write it as a legacy checkpoint with local names."""
+    from megatron_bridge.megatron_args import parallel_sizes
+    from megatron_bridge.verify import run_mcore_jobs
+
+    args = torch_dist_format.validate(src)["args"]
+    tp0, pp0, vpp0 = parallel_sizes(args)
+    tp, pp = opts.tp or tp0, opts.pp or pp0
+    vpp = opts.vpp if (opts.tp or opts.pp or opts.vpp != 1) else vpp0
+    from megatron_bridge.layout import stage_layers
+    from megatron_bridge.megatron_args import shape_from_args
+    from megatron_bridge.param_kinds import check_tp
+    check_tp(tp, shape_from_args(args, args.padded_vocab_size), args.ffn_hidden_size)
+    stage_layers(args.num_layers, pp, vpp)
+    iteration = legacy_format.read_tracker(src)
+    with atomic_directory(dst, force=opts.force) as tmp:
+        run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_legacy", "tp": tp, "pp": pp, "vpp": vpp,
+                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp)
+        legacy_format.write_tracker(tmp, iteration)
+        sidecar.copy_sidecar(src, tmp)
+    return dst
+
+
+def _scratch(dst: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder beside `dst` (same file system, so the space is where the user said it would be)."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{os.path.basename(dst)}.scratch-", dir=parent)
+
+
+def _staged(opts: ConvertOptions, **changes) -> ConvertOptions:
+    from dataclasses import replace
+    return replace(opts, **{"force": False, **changes})
+
+
+def to_megatron_format(src: str, dst: str, opts: ConvertOptions, src_fmt: str) -> str:
+    """Megatron -> Megatron in any combination of legacy / torch_dist, resharding when TP/PP/VPP are given."""
+    out_fmt = opts.format or ("torch_dist" if src_fmt == "megatron_torch_dist" else "legacy")
+    check_destination(dst, opts.force)
+    if src_fmt == "megatron_legacy" and out_fmt == "legacy":
+        return megatron_to_megatron(src, dst, opts)
+    if src_fmt == "megatron_legacy":  # -> torch_dist: reshard in legacy form first if the layout changes
+        if opts.tp is None and opts.pp is None and opts.vpp == 1 and opts.dtype is None:
+            return legacy_to_torch_dist(src, dst, opts)
+        with _scratch(dst) as tmp:
+            staged = os.path.join(tmp, "legacy")
+            megatron_to_megatron(src, staged, _staged(opts, name_style="local"))
+            return legacy_to_torch_dist(staged, dst, opts)
+    # torch_dist source: megatron-core reshards at load
+    if out_fmt == "legacy" and opts.name_style == "local" and opts.dtype is None:
+        return torch_dist_to_legacy(src, dst, opts)
+    with _scratch(dst) as tmp:
+        staged = os.path.join(tmp, "legacy")
+        torch_dist_to_legacy(src, staged, _staged(opts))
+        if out_fmt == "legacy":
+            return megatron_to_megatron(staged, dst, _staged(opts, tp=None, pp=None, vpp=1, force=opts.force))
+        if opts.dtype is not None:
+            recast = os.path.join(tmp, "recast")
+            megatron_to_megatron(staged, recast, _staged(opts, tp=None, pp=None, vpp=1, name_style="local"))
+            staged = recast
+        return legacy_to_torch_dist(staged, dst, opts)
 
 
 def hf_to_family(src: str, dst: str, opts: ConvertOptions, family: str) -> str:
@@ -170,16 +258,30 @@ def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None,
     target = None if to in (None, "megatron") else get_family(to).model_type  # unknown names list the supported
     if fmt == "hf":
         if target is None:
+            if opts.format == "torch_dist":
+                check_destination(dst, opts.force)
+                with _scratch(dst) as tmp:
+                    staged = os.path.join(tmp, "legacy")
+                    hf_to_megatron(src, staged, _staged(opts, name_style="local"))
+                    return "hf -> megatron torch_dist", legacy_to_torch_dist(staged, dst, opts)
             return "hf -> megatron", hf_to_megatron(src, dst, opts)
         if opts.tp is not None or opts.pp is not None or opts.vpp != 1:
             raise ValueError(f"--tp/--pp/--vpp describe Megatron output; --to {to} writes a Hugging Face checkpoint")
         src_family = get_family(read_hf_config(src).get("model_type", "?")).model_type
         return f"{src_family} -> {target}", hf_to_family(src, dst, opts, target)
-    if opts.tp is None and opts.pp is None and to != "megatron":
-        return f"megatron -> {target or 'hf'}", megatron_to_hf(src, dst, opts, family=target)
+    kind = "torch_dist" if fmt == "megatron_torch_dist" else "legacy"
+    if opts.tp is None and opts.pp is None and opts.format is None and to != "megatron":
+        if fmt == "megatron_legacy":
+            return f"megatron -> {target or 'hf'}", megatron_to_hf(src, dst, opts, family=target)
+        check_destination(dst, opts.force)
+        with _scratch(dst) as tmp:
+            staged = os.path.join(tmp, "legacy")
+            torch_dist_to_legacy(src, staged, _staged(opts))
+            return f"megatron torch_dist -> {target or 'hf'}", megatron_to_hf(staged, dst, opts, family=target)
     if target is not None:
         raise ValueError(f"--tp/--pp reshard a Megatron checkpoint; --to {to} writes a Hugging Face one (drop one)")
-    return "megatron -> megatron", megatron_to_megatron(src, dst, opts)
+    out = opts.format or kind
+    return f"megatron {kind} -> megatron {out}", to_megatron_format(src, dst, opts, fmt)
 
 
 __all__ = ["ConvertOptions", "convert", "hf_to_megatron", "megatron_to_hf", "megatron_to_megatron", "hf_to_family",

@@ -2,9 +2,13 @@
 
     torchrun --nproc_per_node TP*PP -m megatron_bridge.mcore_worker JOBS.json
 
-JOBS.json is a list of jobs, each {"checkpoint", "task": "logits" | "generate", "tokens": [[ids]], "out",
-"max_new_tokens", "eos_token_id"}; every job's TP*PP must equal the world size. Each process loads only its own
-rank file. The last pipeline stage's TP rank 0 writes `out` (torch.save of a dict).
+JOBS.json is a list of jobs, each {"checkpoint", "task", ...}; every job's TP*PP must equal the world size.
+    logits         "tokens": [[ids]], "out": last stage TP rank 0 saves {"logits"}
+    generate       "tokens": [[prompt]], "max_new_tokens", "eos_token_id", "out": saves {"tokens"}
+    to_torch_dist  "out_dir": save the checkpoint as torch_dist (megatron.core.dist_checkpointing)
+    to_legacy      "out_root", "iteration": save this rank's legacy rank file
+A legacy checkpoint runs at its own layout, each process loading only its own rank file; a torch_dist checkpoint runs
+at its saved layout or at the job's "tp"/"pp"/"vpp" (resharded at load).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_bridge import cpu_runtime
+from megatron_bridge import cpu_runtime, legacy_format, torch_dist_format
 from megatron_bridge.legacy_format import load_rank, payload_models
 from megatron_bridge.model_builder import build_models, load_weights
 from megatron_bridge.megatron_args import parallel_sizes
@@ -67,35 +71,132 @@ def _greedy(models: list, prompt: torch.Tensor, vocab_size: int, max_new: int, e
     return new
 
 
-def run_job(job: dict) -> None:
+def _with_layout(args, tp: int, pp: int, vpp: int):
+    """A copy of `args` at another parallel layout (torch_dist reshards at load; the padded vocab must still split)."""
+    import argparse
+
+    if args.padded_vocab_size % tp:
+        raise SystemExit(f"padded_vocab_size={args.padded_vocab_size} (fixed by the checkpoint) is not divisible by "
+                         f"TP={tp}; choose a TP that divides it")
+    out = argparse.Namespace(**vars(args))
+    out.tensor_model_parallel_size, out.pipeline_model_parallel_size = tp, pp
+    out.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    out.num_layers_per_virtual_pipeline_stage = args.num_layers // (pp * vpp) if vpp > 1 else None
+    out.world_size = tp * pp
+    return out
+
+
+def _init_parallel(args) -> None:
     from megatron.core import parallel_state as ps
 
-    root = job["checkpoint"]
-    world = dist.get_world_size()
-    # Each job may have its own layout: re-initialize the groups for it.
-    probe = load_rank(root, 0, 0)
-    args = probe["args"]
     tp, pp, vpp = parallel_sizes(args)
-    if tp * pp != world:
-        raise SystemExit(f"{root}: TP*PP={tp * pp} but world size is {world}")
+    if tp * pp != dist.get_world_size():
+        raise SystemExit(f"TP*PP={tp * pp} but world size is {dist.get_world_size()}")
+    # Each job may have its own layout: re-initialize the groups for it.
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
     cpu_runtime.seed(1234)
+
+
+def load_models(job: dict):
+    """(args, model chunks) of this rank for a legacy checkpoint at its own layout, or a torch_dist checkpoint at
+    its saved layout or the one the job names (`tp`, `pp`, `vpp`), resharded at load by megatron-core."""
+    from megatron.core import parallel_state as ps
+
+    root = job["checkpoint"]
+    if torch_dist_format.is_torch_dist_checkpoint(root):
+        common = torch_dist_format.validate(root)
+        saved = common["args"]
+        tp, pp, vpp = parallel_sizes(saved)
+        args = _with_layout(saved, job.get("tp") or tp, job.get("pp") or pp, job.get("vpp") or vpp)
+        _init_parallel(args)
+        models = build_models(args)
+        torch_dist_format_load(models, root)
+        return args, models
+    args = load_rank(root, 0, 0)["args"]
+    _init_parallel(args)
     payload = load_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
     models = build_models(args)
     load_weights(models, payload_models(payload))
+    return args, models
+
+
+def _model_keys(models: list) -> list[str]:
+    return ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+
+
+def torch_dist_format_load(models: list, root: str) -> None:
+    """Fill `models` from a torch_dist checkpoint through megatron.core.dist_checkpointing (reshards at load)."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+
+    template = {k: m.sharded_state_dict() for k, m in zip(_model_keys(models), models)}
+    # common.pt was vetted by torch_dist_format.validate; megatron-core loads it weights-only and needs Namespace.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = dist_checkpointing.load(template, torch_dist_format.iteration_dir(root))
+    for k, m in zip(_model_keys(models), models):
+        m.load_state_dict(state[k], strict=True)
+
+
+def save_torch_dist(models: list, args, iteration, out_dir: str) -> None:
+    """Save this rank's chunks as Megatron-LM does for --ckpt-format torch_dist."""
+    import argparse
+
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    args = argparse.Namespace(**vars(args))
+    args.ckpt_format, args.use_dist_ckpt = "torch_dist", True
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration or 0}
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    for k, m in zip(_model_keys(models), models):
+        state[k] = m.sharded_state_dict(metadata={"dp_cp_group": group})
+    os.makedirs(out_dir, exist_ok=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        dist_checkpointing.save(state, out_dir, content_metadata=dict(torch_dist_format.CONTENT_METADATA))
+
+
+def save_legacy_rank(models: list, args, iteration, out_root: str) -> None:
+    """Write this rank's chunks as a legacy rank file (local names)."""
+    import argparse
+
+    from megatron.core import parallel_state as ps
+
+    args = argparse.Namespace(**vars(args))
+    args.ckpt_format, args.use_dist_ckpt = "torch", False
+    sds = [{k: v for k, v in m.state_dict().items() if not k.endswith("._extra_state")} for m in models]
+    _, pp, _ = parallel_sizes(args)
+    legacy_format.save_rank(out_root, iteration, ps.get_tensor_model_parallel_rank(),
+                            ps.get_pipeline_model_parallel_rank(), pp,
+                            legacy_format.rank_payload(args, iteration, sds))
+
+
+def run_job(job: dict) -> None:
+    from megatron.core import parallel_state as ps
+
+    args, models = load_models(job)
     for m in models:
         m.eval()
+    task = job["task"]
+    if task == "to_torch_dist":
+        save_torch_dist(models, args, job.get("iteration"), job["out_dir"])
+        dist.barrier()
+        return
+    if task == "to_legacy":
+        save_legacy_rank(models, args, job.get("iteration"), job["out_root"])
+        dist.barrier()
+        return
     vocab = job.get("vocab_size") or getattr(args, "vocab_size", None) or args.padded_vocab_size
     tokens = torch.tensor(job["tokens"], dtype=torch.long)
     with torch.no_grad():
-        if job["task"] == "logits":
+        if task == "logits":
             result = {"logits": _forward_logits(models, tokens, vocab)}
-        elif job["task"] == "generate":
+        elif task == "generate":
             result = {"tokens": _greedy(models, tokens, vocab, job["max_new_tokens"], job.get("eos_token_id"))}
         else:
-            raise SystemExit(f"unknown task {job['task']!r}")
+            raise SystemExit(f"unknown task {task!r}")
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         torch.save(result, job["out"])
     dist.barrier()

@@ -90,7 +90,9 @@ def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) 
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
             raise RuntimeError(f"megatron-core worker failed (exit {proc.returncode}):\n{tail}")
-        return [torch.load(j["out"], weights_only=True) for j in jobs]
+        # Save jobs (to_torch_dist, to_legacy) write checkpoints, not results.
+        return [torch.load(j["out"], weights_only=True) if j["task"] in ("logits", "generate") else None
+                for j in jobs]
 
 
 def _free_port() -> int:

@@ -88,7 +88,7 @@ def test_reshard_without_hf_in_between(tmp_path):
     a, b, c, direct = (str(tmp_path / n) for n in ("tp4pp1", "tp2pp2", "tp1pp4", "direct_tp2pp2"))
     hf_to_megatron(hf, a, ConvertOptions(tp=4, pp=1, progress=False))
     what, _ = convert(a, b, ConvertOptions(tp=2, pp=2, progress=False))
-    assert what == "megatron -> megatron"
+    assert what == "megatron legacy -> megatron legacy"
     convert(b, c, ConvertOptions(tp=1, pp=4, progress=False))
     hf_to_megatron(hf, direct, ConvertOptions(tp=2, pp=2, progress=False))
     resharded, straight = legacy_format.open_legacy(b), legacy_format.open_legacy(direct)

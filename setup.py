@@ -7,6 +7,8 @@ setup(
     description="Checkpoint conversion (HF families <-> canonical <-> Megatron), verification, channel loss, launch tools",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_bridge*", "checkpoint_tools*", "patches*", "launch*"]),
+    # The shipped DeepSpeed config (launch.sft --deepspeed zero2) is data, not a module.
+    package_data={"launch": ["configs/*.json"]},
     # torch is deliberately not listed with a loose range: `make install` pins the CPU build first, and a
     # bare `torch` requirement would let pip pull a multi-GB CUDA build on a CPU-only machine.
     install_requires=[
@@ -22,7 +24,7 @@ setup(
     ],
     extras_require={
         "demo": ["gguf", "accelerate", "sentencepiece"],
-        "test": ["pytest", "gguf", "accelerate", "sentencepiece"],
+        "test": ["pytest", "gguf", "accelerate", "sentencepiece", "peft"],
         "sft": ["datasets", "peft"],
         "deepspeed": ["deepspeed"],
         "gpu": ["transformer-engine", "apex", "flash-attn"],

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
+from checkpoint_tools.canonical import CastSource, TensorSource
 from checkpoint_tools.families import get_family
 from checkpoint_tools.hf_checkpoint import HFSource, write_hf_checkpoint
 

@@ -72,6 +72,7 @@ def render(run_dir: str, out: str, smooth: float = 0.0, title: str | None = None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"--smooth {smooth} is outside [0, 1); use e.g. 0.6 like TensorBoard's slider")
@@ -82,19 +83,20 @@ def render(run_dir: str, out: str, smooth: float = 0.0, title: str | None = None
             f"no channel_loss/<name> scalars in the event files under {run_dir!r} "
             f"({len(event_files(run_dir))} event files); was the run trained with channel loss on?"
         )
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), dpi=110, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for name, (steps, values) in curves[kind].items():
             ax.plot(steps, _smooth(values, smooth), marker="o" if len(steps) < 30 else None, markersize=3, label=name)
         ax.set_title(f"{kind} loss per channel")
-        ax.set_xlabel("step")
-        ax.set_ylabel("token-mean loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(title="channel", fontsize="small")
     fig.suptitle(title or os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out)
     plt.close(fig)
     return fig
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.plot_channel_loss", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="the run's output directory (event files are searched recursively)")
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/channel_loss.png)")
-    p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1), as TensorBoard's slider (default 0)")
+    p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1), as in TensorBoard (default 0)")
     p.add_argument("--title", help="figure title (default: the run directory's name)")
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run_dir, "channel_loss.png")

@@ -221,10 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     from patches.hf_trainer_channel_loss import ChannelLossTrainer, use_channel_tensorboard
 
     targs = training_arguments(args, passthrough, has_eval=bool(args.eval_data))
+    if args.packing and targs.use_cache:
+        raise ValueError(
+            "--use_cache true with --packing: transformers only derives per-sample attention masks from position_ids "
+            "when no KV cache is built, so attention would cross packed sample boundaries; drop --use_cache"
+        )
     is_main = targs.process_index == 0
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise ValueError(f"--chat-template {args.chat_template!r} is not a file; pass a Jinja template file")
         tokenizer.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
     elif ensure_chat_template(tokenizer) and is_main:
         print("tokenizer has no chat template: using ChatML", flush=True)
@@ -249,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "auto" if args.model_dtype == "auto" else getattr(torch, args.model_dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation)
     if args.lora:
+        if targs.gradient_checkpointing:
+            # With frozen embeddings nothing upstream of the first checkpointed layer requires grad, and reentrant
+            # checkpointing would then drop the adapters' gradients.
+            model.enable_input_require_grads()
         model = _apply_lora(model, args)
         if is_main:
             model.print_trainable_parameters()
@@ -280,4 +291,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        # Bad input is the user's to fix: one readable line (per rank under torchrun), not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

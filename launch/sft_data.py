@@ -140,7 +140,9 @@ def record_to_messages(record: dict[str, Any], where: str) -> list[dict[str, str
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or "role" not in turn:
-                raise ValueError(f"{where}: turn {i} of 'messages' is {turn!r}; expected {{'role': ..., 'content': ...}}")
+                raise ValueError(
+                    f"{where}: turn {i} of 'messages' is {turn!r}; expected {{'role': ..., 'content': ...}}"
+                )
             role = turn["role"]
             if role not in CHAT_ROLES:
                 raise ValueError(

@@ -10,7 +10,8 @@ What it does:
   sub-sample's first token is masked, so no loss is taken across a sample boundary.
 * ``SFTCollator``: pads a batch. Packed batches carry ``position_ids`` and no ``attention_mask``: from restarting
   positions ``transformers`` builds a block-diagonal causal mask (sdpa, eager) or varlen boundaries (flash attention),
-  so attention never crosses a sub-sample boundary.
+  so attention never crosses a sub-sample boundary. That detection is skipped when the model builds a KV cache, so
+  packed batches must run with ``use_cache=False`` (the Trainer's default, ``TrainingArguments.use_cache``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def next_fit_pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     used = max_length + 1  # forces a new row for the first sample
     for i, n in enumerate(lengths):
         if n > max_length:
-            raise ValueError(f"sample {i} has {n} tokens, over max_length={max_length}; truncate samples before packing")
+            raise ValueError(
+                f"sample {i} has {n} tokens, over max_length={max_length}; truncate samples before packing"
+            )
         if used + n > max_length:
             rows.append([])
             used = 0

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_shapes, expected_tensor_names
+from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_tensor_names
 from checkpoint_tools.canonical import EMBED
 from checkpoint_tools.safetensors_io import CheckpointError
 from megatron_bridge.layout import (LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param, canonical_layer_names,
@@ -39,7 +39,7 @@ class MegatronSource(TensorSource):
             raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
         self.arch = arch_from_args(args)
         self.shape = shape_from_args(args, self.config.vocab_size)
-        tp, pp, vpp = ckpt.tp, ckpt.pp, ckpt.vpp
+        pp, vpp = ckpt.pp, ckpt.vpp
         self.style = detect_name_style(ckpt.models(0, 0)[0])
         # canonical name -> (param, pp_rank, chunk, key, index into the param's roles)
         self._index: dict[str, tuple[Param, int, int, str, int]] = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS, LM_HEAD
-from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Kind
+from megatron_bridge.param_kinds import GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Kind
 
 NAME_STYLES = ("local", "te")
 

@@ -112,15 +112,14 @@ def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
         ``(token_loss, valid)``, both ``[batch, seq - 1]``: fp32 losses (0 where ignored) and the bool mask of
         supervised positions.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    valid = shift_labels.ne(IGNORE_INDEX)
+    # Shift the labels, not the logits: slicing the [batch, seq, vocab] logits would copy the largest activation
+    # of the step (transformers pads the labels for the same reason).
+    shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    vocab = logits.size(-1)
     token_loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1).to(shift_logits.device),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(shift_labels)
+        logits.float().reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(shift_labels)[:, :-1]
+    valid = shift_labels[:, :-1].ne(IGNORE_INDEX)
     return token_loss, valid
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -86,13 +87,23 @@ def build_model(out_dir: str, vocab_size: int, seed: int = 0, hidden: int = 32, 
     return model
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, cwd: str = REPO) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc -m launch.sft ...`` on gloo; a hang becomes a test failure via timeout."""
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, cwd: str = REPO) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m launch.sft ...`` (gloo on CPU).
+
+    A hang becomes a test failure: past ``timeout`` the whole process group (launcher and workers) is killed.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "launch.sft", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun hung for {timeout} s:\n{out[-4000:]}\n{err[-8000:]}") from None
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{out[-4000:]}\n{err[-8000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -1,6 +1,5 @@
 """Bad input gets a clear error and loses nothing: no destination, no half checkpoint left behind."""
 import os
-import pickle
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """HF -> Megatron legacy -> HF is bit-exact (tensors, config, tokenizer files) across layouts; resharding too."""
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -69,13 +69,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(work_dir=a.work_dir, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens, prompt=a.prompt)
 
 
-def cmd_plot(a: argparse.Namespace) -> int:
-    """Render a run's TensorBoard channel-loss scalars into a PNG."""
-    from launch import plot_channel_loss
-
-    return plot_channel_loss.main(a.rest) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="What is the capital of France?")
     d.set_defaults(func=cmd_demo)
 
-    pl = sub.add_parser("plot", help="channel-loss curves to PNG", description=cmd_plot.__doc__, add_help=False)
-    pl.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of launch.plot_channel_loss")
-    pl.set_defaults(func=cmd_plot)
+    # Listed for --help only: main() hands `plot ...` to launch.plot_channel_loss, whose parser owns its options.
+    sub.add_parser("plot", help="channel-loss curves of a run to PNG (python -m launch plot --help)")
     return p
 
 
@@ -160,6 +152,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # trans_<unknown>_to_...: list what is supported
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if argv[:1] == ["plot"]:  # its own parser owns every option, --help included
+        from launch import plot_channel_loss
+        return plot_channel_loss.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

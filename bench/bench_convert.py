@@ -75,7 +75,9 @@ def _rss(pid: int) -> tuple[int, int]:
 
 
 def timed(cmd: list[str]) -> dict:
-    """Run `cmd`, return wall seconds and peak anonymous / file-backed RSS of the process."""
+    """Run `cmd` after flushing dirty pages (so no run pays for the previous one's writeback); return wall seconds
+    and peak anonymous / file-backed RSS of the process."""
+    os.sync()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -94,7 +96,29 @@ def timed(cmd: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed:\n{err[-2000:]}")
-    return {"seconds": wall, "peak_anon_gb": peak[0] / GB, "peak_file_gb": peak[1] / GB}
+    os.sync()  # until the bytes are on disk: page-cache speed differs wildly between one big write and many small
+    durable = time.perf_counter() - t0
+    return {"seconds": wall, "durable_seconds": durable, "peak_anon_gb": peak[0] / GB, "peak_file_gb": peak[1] / GB}
+
+
+USERSPACE_COPY = (
+    "import os, sys\n"
+    "src, dst = sys.argv[1], sys.argv[2]\n"
+    "for d, _, files in os.walk(src):\n"
+    "    out = os.path.join(dst, os.path.relpath(d, src)); os.makedirs(out, exist_ok=True)\n"
+    "    for f in files:\n"
+    "        with open(os.path.join(d, f), 'rb') as a, open(os.path.join(out, f), 'wb') as b:\n"
+    "            while chunk := a.read(64 << 20): b.write(chunk)\n")
+
+
+def copies(src: str, dst: str) -> dict:
+    """The two floors: `cp -r` (in-kernel copy_file_range here) and a plain read/write copy through user space,
+    which is what any converter must do at least."""
+    kernel = timed(["cp", "-r", src, dst])
+    shutil.rmtree(dst)
+    user = timed([sys.executable, "-c", USERSPACE_COPY, src, dst])
+    shutil.rmtree(dst)
+    return {"cp": kernel, "user": user}
 
 
 def bench_size(size: str, work: str, tp: int, pp: int) -> dict:
@@ -105,17 +129,24 @@ def bench_size(size: str, work: str, tp: int, pp: int) -> dict:
     nbytes = write_random_checkpoint(hf, size)
     gen = time.perf_counter() - t0
     cli = [sys.executable, "-m", "launch", "convert", "--no-progress"]
-    cp = timed(["cp", "-r", hf, cp_dst])
+    floor_hf = copies(hf, cp_dst)
+    cp, ucp = floor_hf["cp"], floor_hf["user"]
     to_mg = timed(cli + [hf, mg, "--tp", str(tp), "--pp", str(pp)])
-    shutil.rmtree(cp_dst)
-    cp_mg = timed(["cp", "-r", mg, cp_dst])
+    floor_mg = copies(mg, cp_dst)
+    cp_mg, ucp_mg = floor_mg["cp"], floor_mg["user"]
     to_hf = timed(cli + [mg, back])
-    shutil.rmtree(cp_dst)
     rank_shard = max(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(mg) for f in fs
                      if f == "model_optim_rng.pt")
     row = {"size": size, "params_gb": nbytes / GB, "tp": tp, "pp": pp, "generate_s": gen,
            "cp_hf_s": cp["seconds"], "hf_to_megatron_s": to_mg["seconds"],
            "hf_to_megatron_vs_cp": to_mg["seconds"] / cp["seconds"],
+           "cp_hf_durable_s": cp["durable_seconds"], "hf_to_megatron_durable_s": to_mg["durable_seconds"],
+           "hf_to_megatron_durable_vs_cp": to_mg["durable_seconds"] / cp["durable_seconds"],
+           "cp_megatron_durable_s": cp_mg["durable_seconds"], "megatron_to_hf_durable_s": to_hf["durable_seconds"],
+           "megatron_to_hf_durable_vs_cp": to_hf["durable_seconds"] / cp_mg["durable_seconds"],
+           "user_copy_hf_durable_s": ucp["durable_seconds"], "user_copy_megatron_durable_s": ucp_mg["durable_seconds"],
+           "hf_to_megatron_durable_vs_user_copy": to_mg["durable_seconds"] / ucp["durable_seconds"],
+           "megatron_to_hf_durable_vs_user_copy": to_hf["durable_seconds"] / ucp_mg["durable_seconds"],
            "hf_to_megatron_peak_anon_gb": to_mg["peak_anon_gb"], "hf_to_megatron_peak_file_gb": to_mg["peak_file_gb"],
            "cp_megatron_s": cp_mg["seconds"], "megatron_to_hf_s": to_hf["seconds"],
            "megatron_to_hf_vs_cp": to_hf["seconds"] / cp_mg["seconds"],
@@ -147,13 +178,17 @@ def main(argv=None) -> int:
     finally:
         if not a.keep and not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'size':>4} {'GB':>6} {'cp s':>6} {'->mg s':>7} {'x cp':>5} {'anon GB':>8} {'file GB':>8} "
-          f"{'->hf s':>7} {'x cp':>5} {'anon GB':>8} {'shard GB':>8}")
+    print("\nTimes include sync (bytes on disk). x cp: ratio to `cp -r`; x copy: ratio to a read/write copy through "
+          "user space.\nanon: peak anonymous RSS of the converter; file: peak mapped checkpoint pages (reclaimable).")
+    print(f"{'size':>4} {'GB':>6} | {'HF->Mg s':>8} {'x cp':>5} {'x copy':>6} {'anon GB':>7} {'file GB':>7} | "
+          f"{'Mg->HF s':>8} {'x cp':>5} {'x copy':>6} {'anon GB':>7} {'file GB':>7} | {'rank shard GB':>13}")
     for r in rows:
-        print(f"{r['size']:>4} {r['params_gb']:6.2f} {r['cp_hf_s']:6.1f} {r['hf_to_megatron_s']:7.1f} "
-              f"{r['hf_to_megatron_vs_cp']:5.2f} {r['hf_to_megatron_peak_anon_gb']:8.2f} "
-              f"{r['hf_to_megatron_peak_file_gb']:8.2f} {r['megatron_to_hf_s']:7.1f} {r['megatron_to_hf_vs_cp']:5.2f} "
-              f"{r['megatron_to_hf_peak_anon_gb']:8.2f} {r['largest_rank_shard_gb']:8.2f}")
+        print(f"{r['size']:>4} {r['params_gb']:6.2f} | {r['hf_to_megatron_durable_s']:8.1f} "
+              f"{r['hf_to_megatron_durable_vs_cp']:5.2f} {r['hf_to_megatron_durable_vs_user_copy']:6.2f} "
+              f"{r['hf_to_megatron_peak_anon_gb']:7.2f} {r['hf_to_megatron_peak_file_gb']:7.2f} | "
+              f"{r['megatron_to_hf_durable_s']:8.1f} {r['megatron_to_hf_durable_vs_cp']:5.2f} "
+              f"{r['megatron_to_hf_durable_vs_user_copy']:6.2f} {r['megatron_to_hf_peak_anon_gb']:7.2f} "
+              f"{r['megatron_to_hf_peak_file_gb']:7.2f} | {r['largest_rank_shard_gb']:13.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -23,6 +23,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+WRITE_CHUNK = 64 * 1024**2
 SINGLE_NAME = "model.safetensors"
 
 
@@ -204,7 +205,11 @@ class ShardedSafetensorsWriter:
         if i != self._shard:
             self._open_shard(i)
         if spec.nbytes:
-            self._f.write(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data)
+            data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data
+            # Bounded writes: one multi-GB write() into the page cache ran several times slower here than the
+            # same bytes in 64 MB pieces.
+            for i in range(0, len(data), WRITE_CHUNK):
+                self._f.write(data[i:i + WRITE_CHUNK])
         self._pos += 1
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ Every kind turns the canonical tensor(s) it is made of into one tensor per TP ra
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,17 +40,19 @@ def _chunks(t: torch.Tensor, tp: int, dim: int, what: str) -> list[torch.Tensor]
     return list(torch.chunk(t, tp, dim=dim))
 
 
-class Kind:
+class Kind(abc.ABC):
     """A split rule: `n_inputs` canonical tensors <-> one tensor per TP rank."""
 
     n_inputs = 1
     name = "kind"
 
+    @abc.abstractmethod
     def split(self, tensors: Sequence[torch.Tensor], tp: int, shape: Shape) -> list[torch.Tensor]:
-        raise TypeError(f"{type(self).__name__} has no split rule")  # every concrete kind overrides
+        """One tensor per TP rank from the canonical tensor(s)."""
 
+    @abc.abstractmethod
     def merge(self, shards: Sequence[torch.Tensor], shape: Shape) -> list[torch.Tensor]:
-        raise TypeError(f"{type(self).__name__} has no merge rule")
+        """The canonical tensor(s) from one tensor per TP rank."""
 
     def shard(self, tensors: Sequence[torch.Tensor], tp: int, rank: int, shape: Shape) -> torch.Tensor:
         """Rank `rank`'s piece alone (equal to `split(...)[rank]`); kinds override it to skip building the rest."""

@@ -19,6 +19,8 @@ zeros; a bias the model has but the family lacks must be zero, else the conversi
 """
 from __future__ import annotations
 
+import abc
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -198,13 +200,14 @@ def _instances(templates: tuple[str, ...], ctx: Ctx) -> list[int]:
     return out
 
 
-class Mapping:
+class Mapping(abc.ABC):
     """A declarative tensor mapping; `links(ctx)` instantiates it for one model."""
 
     hf_templates: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def links(self, ctx: Ctx) -> list[Link]:
-        raise NotImplementedError
+        """The concrete HF <-> canonical links of this mapping under `ctx`."""
 
     def knows(self, hf_name: str) -> bool:
         return any(_pattern(t).match(hf_name) for t in self.hf_templates)

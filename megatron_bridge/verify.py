@@ -113,6 +113,13 @@ def family_round_trip(hf_dir: str, dst: str) -> str:
 
 
 def megatron_world_size(megatron_dir: str) -> int:
+    """TP*PP of a legacy or torch_dist checkpoint (the processes megatron-core runs it with)."""
+    from megatron_bridge import torch_dist_format
+    from megatron_bridge.megatron_args import parallel_sizes
+
+    if torch_dist_format.is_torch_dist_checkpoint(megatron_dir):
+        tp, pp, _ = parallel_sizes(torch_dist_format.validate(megatron_dir)["args"])
+        return tp * pp
     ckpt = legacy_format.open_legacy(megatron_dir)
     return ckpt.tp * ckpt.pp
 
@@ -204,13 +211,13 @@ class VerifyReport:
 
 def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERANCE, seq_len: int = 16,
            batch: int = 2, round_trip: bool = True, logits: bool = True, progress: bool = False) -> VerifyReport:
-    from megatron_bridge.convert import ConvertOptions, megatron_to_hf
+    from megatron_bridge.convert import ConvertOptions, convert
 
     rt = None
     if round_trip:
         with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
             back = os.path.join(tmp, "hf")
-            megatron_to_hf(megatron_dir, back, ConvertOptions(progress=progress))
+            convert(megatron_dir, back, ConvertOptions(progress=progress))  # legacy or torch_dist
             rt = compare_hf_dirs(hf_dir, back)
             if rt.mismatched and not (rt.missing or rt.extra):
                 # A folding family cannot come back bit-identical to its source, only to its own canonical trip.

@@ -137,3 +137,10 @@ def test_missing_or_truncated_shard_and_mixed_formats(ckpts, tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="neither"):
         inspect(str(empty))
+
+
+def test_verify_accepts_torch_dist(ckpts):
+    from megatron_bridge.verify import verify
+    report = verify(ckpts["hf"], ckpts["td"], seq_len=16)
+    assert report.ok, report.table()
+    assert report.round_trip.tensors_equal == report.round_trip.tensors_total > 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -39,7 +38,6 @@ LAYER_TENSORS = {
     "up_bias": "model.layers.{i}.mlp.up_proj.bias",
     "down_bias": "model.layers.{i}.mlp.down_proj.bias",
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Gated-MLP activations (Hugging Face ACT2FN names) the canonical decoder and Megatron both run: SwiGLU, and Gemma's
 # tanh-approximated GeGLU.
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -140,11 +138,6 @@ def expected_shapes(cfg: CanonicalConfig) -> dict[str, tuple[int, ...]]:
     if cfg.tie_word_embeddings:
         del shapes[LM_HEAD]
     return shapes
-
-
-def layer_of(name: str) -> Optional[int]:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 class TensorSource(abc.ABC):

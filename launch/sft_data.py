@@ -67,11 +67,6 @@ class TokenizedSample:
     where: str
     truncated: bool = False
 
-    @property
-    def num_supervised(self) -> int:
-        """Tokens that carry a label (before the causal shift)."""
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
-
 
 @dataclass
 class TokenizeReport:

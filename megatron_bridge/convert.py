@@ -24,7 +24,9 @@ from checkpoint_tools.safetensors_io import CheckpointError
 from checkpoint_tools.atomic_dir import atomic_directory, check_destination
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
 from megatron_bridge.from_megatron import MegatronSource
-from megatron_bridge.megatron_args import args_from_canonical, padded_vocab_size
+from megatron_bridge.layout import stage_layers
+from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, shape_from_args
+from megatron_bridge.param_kinds import check_tp
 from megatron_bridge.to_megatron import write_legacy
 
 log = logging.getLogger(__name__)
@@ -117,11 +119,9 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
         "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "world_size", "transformer_impl",
         "params_dtype", "bf16", "fp16")}})
-    args.padded_vocab_size = padded_vocab_size(source.config.vocab_size, args.tensor_model_parallel_size,
-                                               args.make_vocab_size_divisible_by)
     it = ckpt.iteration
     return write_legacy(source, dst, args, style=opts.name_style, iteration=it,
-                        copy_sidecar_from=src if meta else None, family="llama", force=opts.force,
+                        copy_sidecar_from=src if meta else None, force=opts.force,
                         progress=opts.progress)
 
 
@@ -145,16 +145,12 @@ def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
 def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
     """Load a torch_dist checkpoint into megatron-core at the requested layout (default: the saved one; megatron-core
     reshards at load) and write it as a legacy checkpoint with local names."""
-    from megatron_bridge.megatron_args import parallel_sizes
     from megatron_bridge.verify import run_mcore_jobs
 
     args = torch_dist_format.validate(src)["args"]
     tp0, pp0, vpp0 = parallel_sizes(args)
     tp, pp = opts.tp or tp0, opts.pp or pp0
     vpp = opts.vpp if (opts.tp or opts.pp or opts.vpp != 1) else vpp0
-    from megatron_bridge.layout import stage_layers
-    from megatron_bridge.megatron_args import shape_from_args
-    from megatron_bridge.param_kinds import check_tp
     check_tp(tp, shape_from_args(args, args.padded_vocab_size), args.ffn_hidden_size)
     stage_layers(args.num_layers, pp, vpp)
     iteration = legacy_format.read_tracker(src)

@@ -145,13 +145,13 @@ def open_legacy(root: str, extra_globals: Iterable[str] = ()) -> LegacyCheckpoin
 
 def load_rank(root: str, tp_rank: int, pp_rank: int, extra_globals: Iterable[str] = ()) -> dict:
     """One rank's pickle (memory-mapped), for a process that needs only its own shard."""
-    iteration = read_tracker(root)
-    probe = os.path.join(root, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, 2))
-    pp_style = os.path.isdir(probe)
-    d = rank_dir_name(tp_rank, pp_rank, 2 if pp_style else 1)
-    path = os.path.join(root, iteration_dir_name(iteration), d, FILE_NAME)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} is missing")
+    it_dir = os.path.join(root, iteration_dir_name(read_tracker(root)))
+    # The folder name says whether PP > 1 (mp_rank_TT_PPP) or not (mp_rank_TT); the caller need not know.
+    candidates = [os.path.join(it_dir, rank_dir_name(tp_rank, pp_rank, pp), FILE_NAME)
+                  for pp in ((2, 1) if pp_rank == 0 else (2,))]
+    path = next((p for p in candidates if os.path.exists(p)), None)
+    if path is None:
+        raise CheckpointError(f"{candidates[0]} is missing")
     return safe_torch_load(path, extra_globals=extra_globals)
 
 

@@ -112,7 +112,7 @@ def load_models(job: dict):
         args = _with_layout(saved, job.get("tp") or tp, job.get("pp") or pp, job.get("vpp") or vpp)
         _init_parallel(args)
         models = build_models(args)
-        torch_dist_format_load(models, root)
+        load_torch_dist(models, root)
         return args, models
     args = load_rank(root, 0, 0)["args"]
     _init_parallel(args)
@@ -126,7 +126,7 @@ def _model_keys(models: list) -> list[str]:
     return ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
 
 
-def torch_dist_format_load(models: list, root: str) -> None:
+def load_torch_dist(models: list, root: str) -> None:
     """Fill `models` from a torch_dist checkpoint through megatron.core.dist_checkpointing (reshards at load)."""
     import argparse
 

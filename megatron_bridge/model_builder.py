@@ -11,7 +11,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from megatron_bridge.layout import LAYER_PARAMS, TE_EXTRA_STATE
+from megatron_bridge.from_megatron import detect_name_style
+from megatron_bridge.layout import LAYER_PARAMS
 from megatron_bridge.megatron_args import activation_from_args, parallel_sizes
 
 
@@ -73,7 +74,7 @@ def te_to_local(state_dict: dict) -> dict:
     renames = {p.te: p.local for p in LAYER_PARAMS if p.te != p.local}
     out = {}
     for key, value in state_dict.items():
-        if any(key.endswith(e) for e in TE_EXTRA_STATE) or key.endswith("._extra_state"):
+        if key.endswith("._extra_state"):
             continue
         for te, local in renames.items():
             if key.endswith("." + te):
@@ -85,8 +86,6 @@ def te_to_local(state_dict: dict) -> dict:
 
 def load_weights(models: list, rank_models: list[dict]) -> None:
     """Strictly load one rank's state dicts (as stored in the checkpoint) into its model chunks."""
-    from megatron_bridge.from_megatron import detect_name_style
-
     for model, sd in zip(models, rank_models):
         if detect_name_style(sd) == "te":
             sd = te_to_local(sd)

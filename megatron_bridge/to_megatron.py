@@ -7,6 +7,7 @@ tensor being split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional
 
@@ -36,16 +37,10 @@ def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
     if name in shapes:
         return source.get(name)
     if name.endswith(".bias"):
-        return torch.zeros(_bias_shape(source, name), dtype=source.dtype_of(source.names()[0]))
+        # Its shape is the one it would have if the model had every bias.
+        every_bias = dataclasses.replace(source.config, qkv_bias=True, o_bias=True, mlp_bias=True)
+        return torch.zeros(expected_shapes(every_bias)[name], dtype=source.dtype_of(source.names()[0]))
     raise ValueError(f"Megatron needs {name}, which this model does not have")
-
-
-def _bias_shape(source: TensorSource, name: str) -> tuple[int]:
-    cfg = source.config
-    roles = {"q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj": cfg.num_key_value_heads * cfg.head_dim,
-             "v_proj": cfg.num_key_value_heads * cfg.head_dim, "o_proj": cfg.hidden_size,
-             "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
-    return (roles[name.split(".")[-2]],)
 
 
 def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
@@ -81,9 +76,10 @@ def check_canonical_fits(source: TensorSource, arch: Arch) -> None:
     cfg = source.config
     if cfg.mlp_bias and not arch.linear_bias:
         raise ValueError("mlp biases need add_bias_linear")
-    for name in source.names():
-        if name not in expected_shapes(cfg):
-            raise ValueError(f"tensor {name} has no place in a Megatron GPT model")
+    shapes = expected_shapes(cfg)
+    homeless = [n for n in source.names() if n not in shapes]
+    if homeless:
+        raise ValueError(f"tensors with no place in a Megatron GPT model: {homeless[:10]}")
 
 
 def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, style: str = "local",
@@ -112,10 +108,10 @@ def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, st
         bar.close()
         legacy_format.write_tracker(tmp, iteration)
         if copy_sidecar_from:
+            # Keep the source's record (family, HF config, tokenizer files); only the name style may change.
             sidecar.copy_sidecar(copy_sidecar_from, tmp)
             data = sidecar.read_sidecar(tmp)
             if data is not None:
-                data["name_style"] = style
                 sidecar.write_sidecar(tmp, cfg, family=data.get("family"), hf_config=data.get("source_hf_config"),
                                       name_style=style)
         else:

@@ -71,7 +71,8 @@ def hf_greedy(hf_dir: str, prompt_ids: list[int], max_new_tokens: int) -> list[i
 
 def megatron_greedy(megatron_dir: str, prompt_ids: list[int], max_new_tokens: int, vocab_size: int,
                     eos_token_id=None) -> list[int]:
-    from megatron_bridge.verify import megatron_world_size, run_mcore_jobs
+    from megatron_bridge.mcore_launcher import run_mcore_jobs
+    from megatron_bridge.verify import megatron_world_size
 
     (res,) = run_mcore_jobs([{"checkpoint": os.path.abspath(megatron_dir), "task": "generate",
                               "tokens": [prompt_ids], "max_new_tokens": max_new_tokens,

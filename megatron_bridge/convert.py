@@ -128,7 +128,7 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
 def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
     """Save a legacy checkpoint as torch_dist at the same layout, through megatron-core's own dist_checkpointing
     (torchrun with one process per model rank, each holding its rank's shard)."""
-    from megatron_bridge.verify import run_mcore_jobs
+    from megatron_bridge.mcore_launcher import run_mcore_jobs
 
     ckpt = legacy_format.open_legacy(src, extra_globals=opts.allow_globals)
     if ckpt.has_optimizer_state:
@@ -145,7 +145,7 @@ def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
 def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
     """Load a torch_dist checkpoint into megatron-core at the requested layout (default: the saved one; megatron-core
     reshards at load) and write it as a legacy checkpoint with local names."""
-    from megatron_bridge.verify import run_mcore_jobs
+    from megatron_bridge.mcore_launcher import run_mcore_jobs
 
     args = torch_dist_format.validate(src)["args"]
     tp0, pp0, vpp0 = parallel_sizes(args)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +18,7 @@ import torch
 from checkpoint_tools.hf_checkpoint import asset_files, read_hf_config
 from checkpoint_tools.safetensors_io import SafetensorsDir
 from megatron_bridge import legacy_format
+from megatron_bridge.mcore_launcher import run_mcore_jobs
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -75,34 +74,6 @@ def compare_hf_dirs(a: str, b: str) -> RoundTrip:
         if os.path.exists(p) and open(os.path.join(a, name), "rb").read() == open(p, "rb").read():
             out.assets_equal += 1
     return out
-
-
-def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) -> list[dict]:
-    """Run worker jobs under `torchrun --nproc_per_node nproc` (gloo on CPU) and return each job's result."""
-    with tempfile.TemporaryDirectory(prefix="mcore-jobs-") as tmp:
-        for i, job in enumerate(jobs):
-            job.setdefault("out", os.path.join(tmp, f"result{i}.pt"))
-        path = os.path.join(tmp, "jobs.json")
-        with open(path, "w") as f:
-            json.dump(jobs, f)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "megatron_bridge.mcore_worker", path]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-            raise RuntimeError(f"megatron-core worker failed (exit {proc.returncode}):\n{tail}")
-        # Save jobs (to_torch_dist, to_legacy) write checkpoints, not results.
-        return [torch.load(j["out"], weights_only=True) if j["task"] in ("logits", "generate") else None
-                for j in jobs]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def family_round_trip(hf_dir: str, dst: str) -> str:

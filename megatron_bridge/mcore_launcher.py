@@ -1,0 +1,44 @@
+"""Run megatron-core worker jobs under torchrun (gloo on CPU) and collect their results.
+
+Conversion (torch_dist save/load), verification (logits) and the demo (generation) all need real megatron-core
+models at a checkpoint's own TP x PP; they describe what to do as JSON jobs for `megatron_bridge.mcore_worker`
+and this module starts one `torchrun` for the lot, so the launcher lives apart from every caller.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+
+
+def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) -> list[dict]:
+    """Run worker jobs under `torchrun --nproc_per_node nproc` (gloo on CPU) and return each job's result."""
+    with tempfile.TemporaryDirectory(prefix="mcore-jobs-") as tmp:
+        for i, job in enumerate(jobs):
+            job.setdefault("out", os.path.join(tmp, f"result{i}.pt"))
+        path = os.path.join(tmp, "jobs.json")
+        with open(path, "w") as f:
+            json.dump(jobs, f)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), "-m", "megatron_bridge.mcore_worker", path]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+            raise RuntimeError(f"megatron-core worker failed (exit {proc.returncode}):\n{tail}")
+        # Save jobs (to_torch_dist, to_legacy) write checkpoints, not results.
+        return [torch.load(j["out"], weights_only=True) if j["task"] in ("logits", "generate") else None
+                for j in jobs]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

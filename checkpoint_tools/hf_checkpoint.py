@@ -17,7 +17,8 @@ from tqdm import tqdm
 from checkpoint_tools.atomic_dir import atomic_directory
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, check_tensor_set, expected_tensor_names
 from checkpoint_tools.families import get_family
-from checkpoint_tools.families.base import Family, hf_tensor_problems
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.hf_tensor_check import hf_tensor_problems
 from checkpoint_tools.safetensors_io import (DTYPE_NAMES, CheckpointError, SafetensorsDir,
                                              ShardedSafetensorsWriter, TensorSpec, INDEX_NAME)
 

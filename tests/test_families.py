@@ -375,7 +375,7 @@ def test_config_tables_round_trip():
 @pytest.mark.parametrize("nq,nkv", [(4, 1), (4, 2), (4, 4), (8, 2), (6, 3)])
 def test_grouped_qkv_pack_unpack_identity(nq, nkv):
     from checkpoint_tools.canonical import CanonicalConfig, LAYER_TENSORS as L
-    from checkpoint_tools.families.base import Ctx, GroupedQKV
+    from checkpoint_tools.families.mappings import Ctx, GroupedQKV
 
     hd = 4
     cfg = CanonicalConfig(vocab_size=8, hidden_size=12, intermediate_size=8, num_layers=1, num_attention_heads=nq,

@@ -5,7 +5,7 @@ insensitively, and lists what is supported when a name is unknown.
 """
 from __future__ import annotations
 
-from checkpoint_tools.families.base import Family
+from checkpoint_tools.families.family import Family
 from checkpoint_tools.families import (baichuan, gemma, granite, internlm2, internlm3, llama, mistral, phi3, qwen2,
                                        qwen3, yi)
 

@@ -14,8 +14,9 @@ import torch
 
 from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import (ConfigField, EmbeddingHead, Family, Fold, Fused, Rename,
-                                            fields_without)
+from checkpoint_tools.families.config_table import ConfigField, fields_without
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import EmbeddingHead, Fold, Fused, Rename
 
 _ROWS = 4096  # rows normalized per step: float64 copies of a 125k x 4096 head would need 4 GB at once
 

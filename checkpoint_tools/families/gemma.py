@@ -13,7 +13,9 @@ import torch
 
 from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import ConfigField, EmbeddingHead, Family, Fold, Rename, fields_without, scale_by
+from checkpoint_tools.families.config_table import ConfigField, fields_without
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import EmbeddingHead, Fold, Rename, scale_by
 
 # (1 + w) computed in float32, as GemmaRMSNorm does
 ONE_PLUS = Fold(lambda t, c: (t.to(torch.float32) + 1.0).to(t.dtype),

@@ -12,7 +12,8 @@ Llama checkpoint, which has no place for them, the identity is written (multipli
 """
 from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import EmbeddingHead, Family, Rename, divide_by, scale_by
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import EmbeddingHead, Rename, divide_by, scale_by
 
 
 def _get(key, default=1.0):

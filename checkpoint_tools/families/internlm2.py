@@ -10,8 +10,10 @@ InternLM2's code, so a model with another head_dim is refused.
 """
 from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS as L, LM_HEAD
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import (ConfigField, Family, GroupedQKV, Rename, fields_without,
-                                            rope_scaling_limited_to)
+from checkpoint_tools.families.checks import rope_scaling_limited_to
+from checkpoint_tools.families.config_table import ConfigField, fields_without
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import GroupedQKV, Rename
 
 P = "model.layers.{i}."
 FAMILY = Family(

@@ -5,7 +5,8 @@ Remote-code configs say `qkv_bias` (q/k/v) and `bias` (o_proj and MLP); transfor
 the model has none). Its dynamic-NTK rope scaling goes to Llama; Megatron has no dynamic NTK and refuses it.
 """
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import ConfigField, Family, fields_without
+from checkpoint_tools.families.config_table import ConfigField, fields_without
+from checkpoint_tools.families.family import Family
 
 FAMILY = Family(
     model_type="internlm3",

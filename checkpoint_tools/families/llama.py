@@ -6,7 +6,9 @@ gets a zero o_proj bias) and has no q/k norm. `LlamaForCausalLM` runs any `hidde
 is expressible here.
 """
 from checkpoint_tools.canonical import LAYER_TENSORS, CanonicalConfig, EMBED, FINAL_NORM, LM_HEAD
-from checkpoint_tools.families.base import ConfigField, Family, Rename
+from checkpoint_tools.families.config_table import ConfigField
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import Rename
 
 
 def _check_canonical(cfg: CanonicalConfig) -> None:

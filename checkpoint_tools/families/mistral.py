@@ -4,7 +4,9 @@ A window shorter than the context changes attention past it, which neither canon
 config is refused by name. v0.2 and later set `sliding_window: null` and convert.
 """
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import Family, fields_without, refuse_sliding_window
+from checkpoint_tools.families.checks import refuse_sliding_window
+from checkpoint_tools.families.config_table import fields_without
+from checkpoint_tools.families.family import Family
 
 FAMILY = Family(
     model_type="mistral",

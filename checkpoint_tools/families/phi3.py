@@ -9,8 +9,10 @@ name. LongRoPE scaling is carried to Llama (which runs it); Megatron has no Long
 """
 from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS as L, LM_HEAD
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import (Family, Fused, Rename, fields_without, refuse_sliding_window,
-                                            rope_scaling_limited_to)
+from checkpoint_tools.families.checks import refuse_sliding_window, rope_scaling_limited_to
+from checkpoint_tools.families.config_table import fields_without
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import Fused, Rename
 
 _SCALED_ROPE = ("longrope", "yarn", "llama3")
 

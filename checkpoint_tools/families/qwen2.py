@@ -5,7 +5,9 @@ Qwen2 that o_proj bias must be zero (it is dropped), else the conversion is refu
 gets zero ones. Sliding-window attention (`use_sliding_window: true`) is refused.
 """
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import Family, fields_without, refuse_sliding_window
+from checkpoint_tools.families.checks import refuse_sliding_window
+from checkpoint_tools.families.config_table import fields_without
+from checkpoint_tools.families.family import Family
 
 FAMILY = Family(
     model_type="qwen2",

@@ -4,7 +4,9 @@
 expresses it as `qk_layernorm`. `attention_bias` covers q/k/v and o as in Llama; the MLP has no bias.
 """
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import Family, fields_without, refuse_sliding_window
+from checkpoint_tools.families.checks import refuse_sliding_window
+from checkpoint_tools.families.config_table import fields_without
+from checkpoint_tools.families.family import Family
 
 FAMILY = Family(
     model_type="qwen3",

@@ -4,7 +4,10 @@ read by the llama table directly.
 """
 from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS as L, LM_HEAD
 from checkpoint_tools.families import llama
-from checkpoint_tools.families.base import Family, Rename, fields_without, rope_scaling_limited_to
+from checkpoint_tools.families.checks import rope_scaling_limited_to
+from checkpoint_tools.families.config_table import fields_without
+from checkpoint_tools.families.family import Family
+from checkpoint_tools.families.mappings import Rename
 
 FAMILY = Family(
     model_type="Yi",

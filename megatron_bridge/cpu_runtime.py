@@ -4,7 +4,8 @@ megatron-core 0.16 assumes CUDA in a few places (seen with torch 2.13 CPU):
   - `device="cuda"` literals: default causal masks, pipeline schedules, p2p shape exchange;
   - `torch.cuda.current_device()` as a device in rotary embeddings;
   - `Tensor.cuda()` when tied embeddings are set up across pipeline stages;
-  - the CUDA RNG tracker (`model_parallel_cuda_manual_seed`, `_get/_set_cuda_rng_state`).
+  - the CUDA RNG tracker (`model_parallel_cuda_manual_seed`, `_get/_set_cuda_rng_state`);
+  - `assert param.grad.type() == 'torch.cuda.FloatTensor'` in the optimizer's gradient clipping (training).
 `enable()` routes each to the CPU: a TorchFunctionMode rewrites cuda devices to cpu for the whole process (torch
 function modes are thread-local state, entered once on the main thread). Verification, tests and users without a
 GPU use it; it never changes behaviour on a machine with CUDA.
@@ -32,6 +33,10 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Type names as megatron-core's optimizer asserts them ('torch.cuda.FloatTensor').
+            name = func(*args)
+            return "torch.cuda." + name[len("torch."):] if name.startswith("torch.") and ".cuda." not in name else name
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

@@ -98,14 +98,6 @@ def stage_layers(num_layers: int, pp: int, vpp: int = 1) -> dict[tuple[int, int]
     return {(p, v): list(range((v * pp + p) * per, (v * pp + p + 1) * per)) for p in range(pp) for v in range(vpp)}
 
 
-def locate_layer(layer: int, num_layers: int, pp: int, vpp: int = 1) -> tuple[int, int, int]:
-    """Global layer -> (pp_rank, vpp_chunk, local_index)."""
-    per = num_layers // (pp * vpp)
-    block, local = divmod(layer, per)
-    v, p = divmod(block, pp)
-    return p, v, local
-
-
 def is_first(p: int, v: int) -> bool:
     return p == 0 and v == 0
 

@@ -1,32 +1,32 @@
 """Pure split/merge identities of the TP split kinds (no process groups), and their layouts."""
-import itertools
-
 import pytest
 import torch
 
+from checkpoint_tools.canonical import EMBED, LM_HEAD, CanonicalConfig, TensorSource, expected_shapes
+from megatron_bridge.megatron_args import args_from_canonical, padded_vocab_size
 from megatron_bridge.param_kinds import (COLUMN, GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Shape, check_tp,
                                          pack_qkv, unpack_qkv)
-from megatron_bridge.megatron_args import padded_vocab_size
+from megatron_bridge.to_megatron import rank_models
 
 HD = 4
 HIDDEN = 16
 NQ = 8
 
 
-def _groups(tp):
-    # num_query_groups in {1, 2, all heads}, keeping only layouts megatron-core accepts at this TP
-    return [ng for ng in (1, 2, NQ) if (ng >= tp and ng % tp == 0) or (ng < tp and tp % ng == 0)]
+def _megatron_accepts(tp, ng):
+    # megatron-core: heads divide by TP; groups divide by TP, or (fewer groups than ranks) TP divides by groups
+    return NQ % tp == 0 and ((ng >= tp and ng % tp == 0) or (ng < tp and tp % ng == 0))
 
 
-CASES = [(tp, ng, bias) for tp in (1, 2, 3, 4, 8) for ng in (1, 2, NQ) for bias in (False, True)]
+# Every layout megatron-core accepts over TP in {1, 2, 3, 4, 8} and num_query_groups in {1, 2, all heads}, decided
+# here, up front; the ones it rejects (all of TP=3 with 8 heads) are test_rejected_layouts_name_the_valid_tp's.
+CASES = [(tp, ng, bias) for tp in (1, 2, 3, 4, 8) for ng in (1, 2, NQ) for bias in (False, True)
+         if _megatron_accepts(tp, ng)]
 
 
 @pytest.mark.parametrize("tp,ng,bias", CASES)
 def test_qkv_roundtrip_and_layout(tp, ng, bias):
-    if NQ % tp or ng not in _groups(tp):
-        with pytest.raises(ValueError, match="use TP in"):
-            check_tp(tp, Shape(NQ, ng, HD), ffn_hidden_size=48)
-        return
+    check_tp(tp, Shape(NQ, ng, HD), ffn_hidden_size=48)  # accepted: no error
     shape = Shape(NQ, ng, HD)
     rest = () if bias else (HIDDEN,)
     q = torch.randn((NQ * HD,) + rest)
@@ -62,19 +62,64 @@ def test_gated_mlp_splits_gate_and_up_separately(tp):
         assert not torch.equal(shards[0], torch.cat([gate, up]).chunk(tp)[0])
 
 
-@pytest.mark.parametrize("tp,vocab,tied", list(itertools.product([1, 2, 3, 4, 8], [250, 256, 1000], [False, True])))
-def test_vocab_padding_roundtrip(tp, vocab, tied):
-    padded = padded_vocab_size(vocab, tp, 128)
-    assert padded % (128 * tp) == 0 and padded >= vocab and padded - vocab < 128 * tp
+def _padded_chunks_by_hand(w, padded, tp):
+    """Megatron's vocab-parallel layout, built row by row: the true rows, then zero rows up to `padded`; rank r
+    holds rows [r * padded / tp, (r + 1) * padded / tp)."""
+    rows = [w[i] for i in range(w.shape[0])] + [torch.zeros(w.shape[1])] * (padded - w.shape[0])
+    per = padded // tp
+    return [torch.stack(rows[r * per:(r + 1) * per]) for r in range(tp)]
+
+
+@pytest.mark.parametrize("tp,vocab,padded", [(1, 250, 256), (2, 250, 256), (3, 250, 384), (4, 250, 512),
+                                             (8, 250, 1024), (1, 256, 256), (2, 256, 256), (3, 256, 384),
+                                             (8, 1000, 1024), (3, 1000, 1152)])
+def test_vocab_padding_roundtrip(tp, vocab, padded):
+    assert padded_vocab_size(vocab, tp, 128) == padded  # the next multiple of 128 * TP, worked out by hand
     shape = Shape(NQ, NQ, HD, vocab_size=vocab, padded_vocab_size=padded)
     emb = torch.randn(vocab, HIDDEN)
+    want = _padded_chunks_by_hand(emb, padded, tp)
     shards = VOCAB.split([emb], tp, shape)
-    assert all(s.shape == (padded // tp, HIDDEN) for s in shards)
-    assert torch.count_nonzero(torch.cat(shards)[vocab:]) == 0
-    (back,) = VOCAB.merge(shards, shape)
+    assert len(shards) == tp and all(torch.equal(s, w) for s, w in zip(shards, want))
+    assert all(torch.equal(VOCAB.shard([emb], tp, r, shape), want[r]) for r in range(tp))
+    (back,) = VOCAB.merge(want, shape)
     assert torch.equal(back, emb)
-    if tied:  # the output layer of a tied model is the same tensor split the same way
-        assert all(torch.equal(a, b) for a, b in zip(shards, VOCAB.split([emb], tp, shape)))
+
+
+class _InMemory(TensorSource):
+    def __init__(self, cfg, tensors):
+        self.config, self.tensors = cfg, tensors
+
+    def names(self):
+        return list(self.tensors)
+
+    def get(self, name):
+        return self.tensors[name]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_layer_of_tied_and_untied_models(tp, tied):
+    """What the writer puts in the vocab-parallel slots: the padded embedding on the first stage and, on the last
+    stage, the padded lm_head, or for a tied model the padded embedding again (PP > 1 keeps a copy there; PP = 1
+    has no output layer at all)."""
+    cfg = CanonicalConfig(vocab_size=250, hidden_size=HIDDEN, intermediate_size=24, num_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=HD, tie_word_embeddings=tied)
+    torch.manual_seed(tp)
+    tensors = {n: torch.randn(s) for n, s in expected_shapes(cfg).items()}
+    source = _InMemory(cfg, tensors)
+    padded = {1: 256, 2: 256, 4: 512}[tp]  # 250 rows up to a multiple of 128 * TP
+    emb_chunks = _padded_chunks_by_hand(tensors[EMBED], padded, tp)
+    head_chunks = emb_chunks if tied else _padded_chunks_by_hand(tensors[LM_HEAD], padded, tp)
+    args = args_from_canonical(cfg, tp=tp, pp=2)
+    for r in range(tp):
+        (first,) = rank_models(source, args, "local", r, 0)
+        (last,) = rank_models(source, args, "local", r, 1)
+        assert torch.equal(first["embedding.word_embeddings.weight"], emb_chunks[r])
+        assert "output_layer.weight" not in first and "embedding.word_embeddings.weight" not in last
+        assert torch.equal(last["output_layer.weight"], head_chunks[r])
+        (only,) = rank_models(source, args_from_canonical(cfg, tp=tp, pp=1), "local", r, 0)
+        assert torch.equal(only["embedding.word_embeddings.weight"], emb_chunks[r])
+        assert ("output_layer.weight" in only) == (not tied)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3, 4, 8])
@@ -107,11 +152,32 @@ def test_check_tp_names_values_and_choices():
     check_tp(3, Shape(num_heads=9, num_groups=3, head_dim=64), ffn_hidden_size=1536)
 
 
+# Layouts megatron-core rejects: (TP, heads, groups, FFN), what check_tp must say, and the TPs it must offer.
+REJECTED = [
+    (3, 8, 8, 48, "num_attention_heads=8 is not divisible by TP=3; num_query_groups=8 is not divisible by TP=3",
+     [1, 2, 4, 8]),
+    (3, 8, 2, 48, "num_attention_heads=8 is not divisible by TP=3; TP=3 is not a multiple of num_query_groups=2 "
+     "(needed when groups < TP)",
+     [1, 2, 4, 8]),
+    (3, 8, 1, 48, "num_attention_heads=8 is not divisible by TP=3", [1, 2, 4, 8]),
+    (4, 12, 3, 48, "TP=4 is not a multiple of num_query_groups=3 (needed when groups < TP)", [1, 3, 6, 12]),
+    (4, 12, 6, 48, "num_query_groups=6 is not divisible by TP=4", [1, 2, 3, 6, 12]),
+    (4, 8, 8, 42, "ffn_hidden_size=42 is not divisible by TP=4", [1, 2]),
+]
+
+
+@pytest.mark.parametrize("tp,nq,ng,ffn,problem,valid", REJECTED)
+def test_rejected_layouts_name_the_valid_tp(tp, nq, ng, ffn, problem, valid):
+    """The writer calls check_tp before anything is split: a layout megatron-core rejects is refused naming why and
+    the TPs that work."""
+    with pytest.raises(ValueError) as e:
+        check_tp(tp, Shape(nq, ng, HD), ffn_hidden_size=ffn)
+    assert str(e.value) == f"{problem}; use TP in {valid}"
+
+
 @pytest.mark.parametrize("tp,ng,bias", CASES)
 def test_single_rank_shard_equals_split(tp, ng, bias):
     """`shard` (what the streaming writer uses) is exactly `split(...)[rank]` for every kind."""
-    if NQ % tp or ng not in _groups(tp):
-        return
     rest = () if bias else (HIDDEN,)
     vocab = 250
     shape = Shape(NQ, ng, HD, vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp, 128))

@@ -45,6 +45,34 @@ class TensorSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def _check_entry(path: str, name: str, e, data_bytes: int) -> None:
+    """One header entry must describe a tensor that lies inside the file and whose byte count matches its shape:
+    a damaged header is refused here, by name, instead of failing later in a reshape or reading another tensor's
+    bytes."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: damaged safetensors header: tensor {name!r} {why}")
+
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise bad("lacks dtype/shape/data_offsets")
+    if e["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+    shape, offsets = e["shape"], e["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise bad(f"has shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}")
+    if offsets[1] > data_bytes:
+        raise CheckpointError(f"{path}: truncated (tensor {name} ends at byte {offsets[1]} of the data, "
+                              f"the file holds {data_bytes})")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * torch.empty((), dtype=DTYPES[e["dtype"]]).element_size():
+        raise bad(f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {e['dtype']} needs "
+                  f"{numel * torch.empty((), dtype=DTYPES[e['dtype']]).element_size()}")
+
+
 class SafetensorsFile:
     """One .safetensors file, memory-mapped; `get` returns zero-copy views."""
 
@@ -58,19 +86,18 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", head)
             if 8 + n > size:
                 raise CheckpointError(f"{path}: truncated (header claims {n} bytes, file has {size})")
-            header = json.loads(f.read(n))
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise CheckpointError(f"{path}: damaged safetensors header (not JSON: {e})") from None
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: damaged safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + n
         self._entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self._data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated (tensor data needs {self._data_start + end} bytes, file has {size})"
-            )
         for name, e in header.items():
-            if e["dtype"] not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
+            _check_entry(path, name, e, size - self._data_start)
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -1,19 +1,16 @@
-"""Conversion entry points: detect what a folder holds and take the shortest path through the canonical form.
+"""Conversion entry points: detect what a folder holds, plan the steps, run them.
 
-    HF folder        -> Megatron legacy at TP x PP (x VPP), or an HF folder of another family (`to=<family>`)
-    Megatron legacy  -> HF folder of any family (no TP/PP given) or Megatron legacy at a new TP x PP (resharding)
-
-Aliases in the familiar shape (`trans_qwen_to_llama`, `trans_llama_to_qwen`, `trans_gemma_to_megatron`, ...) name
-a source and a target: `parse_alias` turns one into (source, target); the source is checked before converting.
+The plan (`megatron_bridge.conversion_plan`) decides which primitive conversions run and with which options; this
+module holds the primitives and runs a plan, staging intermediate folders in a scratch folder beside the
+destination. Aliases in the familiar shape (`trans_qwen_to_llama`, `trans_llama_to_qwen`, `trans_gemma_to_megatron`)
+name a source and a target: `parse_alias` turns one into (source, target); the source is checked before converting.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import tempfile
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -21,10 +18,12 @@ from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
 from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.safetensors_io import CheckpointError
-from checkpoint_tools.atomic_dir import atomic_directory, check_destination
+from checkpoint_tools.atomic_dir import atomic_directory, check_destination, scratch_directory
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
+from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, ConvertOptions, Plan, plan_conversion
 from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.layout import stage_layers
+from megatron_bridge.mcore_launcher import run_mcore_jobs
 from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, shape_from_args
 from megatron_bridge.param_kinds import check_tp
 from megatron_bridge.to_megatron import write_legacy
@@ -49,25 +48,6 @@ def detect_format(path: str) -> str:
     return found[0]
 
 
-@dataclass
-class ConvertOptions:
-    tp: Optional[int] = None
-    pp: Optional[int] = None
-    vpp: int = 1
-    name_style: str = "local"
-    make_vocab_size_divisible_by: int = 128
-    dtype: Optional[str] = None
-    tokenizer: Optional[str] = None
-    vocab_size: Optional[int] = None
-    max_shard_bytes: int = 2 * 1024**3
-    # Megatron output format: "legacy" (mp_rank_* torch pickles) or "torch_dist"; None = legacy from HF, else the
-    # source's own format.
-    format: Optional[str] = None
-    force: bool = False
-    progress: bool = True
-    allow_globals: Iterable[str] = field(default_factory=tuple)
-
-
 def _cast(source: TensorSource, dtype: Optional[str]) -> TensorSource:
     return CastSource(source, getattr(torch, dtype)) if dtype else source
 
@@ -87,11 +67,11 @@ def open_megatron(path: str, opts: ConvertOptions) -> tuple[MegatronSource, Opti
 
 def hf_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
     source = _cast(HFSource(src), opts.dtype)
-    args = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.vpp,
-                               make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
-                               transformer_impl=opts.name_style)
+    args = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.value("vpp"),
+                               make_vocab_size_divisible_by=opts.value("make_vocab_size_divisible_by"),
+                               transformer_impl=opts.value("name_style"))
     hf = source.inner if isinstance(source, CastSource) else source
-    return write_legacy(source, dst, args, style=opts.name_style, family=hf.family.model_type,
+    return write_legacy(source, dst, args, style=opts.value("name_style"), family=hf.family.model_type,
                         hf_config=hf.hf_config, assets_from=opts.tokenizer or src, force=opts.force,
                         progress=opts.progress)
 
@@ -102,7 +82,18 @@ def megatron_to_hf(src: str, dst: str, opts: ConvertOptions, family: Optional[st
     base = (meta or {}).get("source_hf_config") if fam.model_type == (meta or {}).get("family") else None
     assets = opts.tokenizer or sidecar.assets_dir(src)
     return write_hf_checkpoint(_cast(source, opts.dtype), dst, fam, base_config=base, assets_dir=assets,
-                               max_shard_bytes=opts.max_shard_bytes, force=opts.force, progress=opts.progress)
+                               max_shard_bytes=opts.value("max_shard_bytes"), force=opts.force,
+                               progress=opts.progress)
+
+
+def output_layout(opts: ConvertOptions, tp: int, pp: int, vpp: int, divisible_by: Optional[int]) -> tuple:
+    """(TP, PP, VPP, divisible-by) of Megatron output from a Megatron source: each flag given wins, the rest are the
+    source's (VPP falls back to 1 when the output has a single pipeline stage, where there is nothing to
+    interleave)."""
+    out_pp = opts.pp or pp
+    out_vpp = opts.vpp if opts.vpp is not None else (vpp if out_pp > 1 else 1)
+    div = opts.make_vocab_size_divisible_by or divisible_by or DEFAULTS["make_vocab_size_divisible_by"]
+    return opts.tp or tp, out_pp, out_vpp, div
 
 
 def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
@@ -110,33 +101,28 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
     source = _cast(source, opts.dtype)
     ckpt = source.inner.ckpt if isinstance(source, CastSource) else source.ckpt
     old = ckpt.args
-    fresh = args_from_canonical(source.config, tp=opts.tp or ckpt.tp, pp=opts.pp or ckpt.pp,
-                                vpp=opts.vpp if (opts.tp or opts.pp or opts.vpp != 1) else ckpt.vpp,
-                                make_vocab_size_divisible_by=getattr(old, "make_vocab_size_divisible_by", 128),
-                                transformer_impl=opts.name_style)
+    tp, pp, vpp, div = output_layout(opts, ckpt.tp, ckpt.pp, ckpt.vpp, getattr(old, "make_vocab_size_divisible_by", None))
+    fresh = args_from_canonical(source.config, tp=tp, pp=pp, vpp=vpp, make_vocab_size_divisible_by=div,
+                                transformer_impl=opts.value("name_style"))
     # Keep the training hyperparameters of the source run; only the layout and what depends on it change.
     args = type(old)(**{**vars(old), **{k: getattr(fresh, k) for k in (
         "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-        "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "world_size", "transformer_impl",
-        "params_dtype", "bf16", "fp16")}})
-    it = ckpt.iteration
-    return write_legacy(source, dst, args, style=opts.name_style, iteration=it,
-                        copy_sidecar_from=src if meta else None, force=opts.force,
-                        progress=opts.progress)
+        "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "make_vocab_size_divisible_by", "world_size",
+        "transformer_impl", "params_dtype", "bf16", "fp16")}})
+    return write_legacy(source, dst, args, style=opts.value("name_style"), iteration=ckpt.iteration,
+                        copy_sidecar_from=src if meta else None, force=opts.force, progress=opts.progress)
 
 
 def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
     """Save a legacy checkpoint as torch_dist at the same layout, through megatron-core's own dist_checkpointing
     (torchrun with one process per model rank, each holding its rank's shard)."""
-    from megatron_bridge.mcore_launcher import run_mcore_jobs
-
     ckpt = legacy_format.open_legacy(src, extra_globals=opts.allow_globals)
     if ckpt.has_optimizer_state:
         log.warning("%s holds optimizer state; torch_dist output keeps model weights only", src)
     with atomic_directory(dst, force=opts.force) as tmp:
         out_dir = os.path.join(tmp, legacy_format.iteration_dir_name(ckpt.iteration))
         run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_torch_dist", "out_dir": out_dir,
-                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp)
+                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp, policy=opts.allow_globals)
         legacy_format.write_tracker(tmp, ckpt.iteration)
         sidecar.copy_sidecar(src, tmp)
     return dst
@@ -145,68 +131,24 @@ def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
 def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
     """Load a torch_dist checkpoint into megatron-core at the requested layout (default: the saved one; megatron-core
     reshards at load) and write it as a legacy checkpoint with local names."""
-    from megatron_bridge.mcore_launcher import run_mcore_jobs
-
-    args = torch_dist_format.validate(src)["args"]
-    tp0, pp0, vpp0 = parallel_sizes(args)
-    tp, pp = opts.tp or tp0, opts.pp or pp0
-    vpp = opts.vpp if (opts.tp or opts.pp or opts.vpp != 1) else vpp0
+    args = torch_dist_format.validate(src, opts.allow_globals)["args"]
+    tp, pp, vpp, _ = output_layout(opts, *parallel_sizes(args), None)
     check_tp(tp, shape_from_args(args, args.padded_vocab_size), args.ffn_hidden_size)
     stage_layers(args.num_layers, pp, vpp)
     iteration = legacy_format.read_tracker(src)
     with atomic_directory(dst, force=opts.force) as tmp:
         run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_legacy", "tp": tp, "pp": pp, "vpp": vpp,
-                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp)
+                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp, policy=opts.allow_globals)
         legacy_format.write_tracker(tmp, iteration)
         sidecar.copy_sidecar(src, tmp)
     return dst
-
-
-def _scratch(dst: str) -> tempfile.TemporaryDirectory:
-    """A scratch folder beside `dst` (same file system, so the space is where the user said it would be)."""
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=f".{os.path.basename(dst)}.scratch-", dir=parent)
-
-
-def _staged(opts: ConvertOptions, **changes) -> ConvertOptions:
-    from dataclasses import replace
-    return replace(opts, **{"force": False, **changes})
-
-
-def to_megatron_format(src: str, dst: str, opts: ConvertOptions, src_fmt: str) -> str:
-    """Megatron -> Megatron in any combination of legacy / torch_dist, resharding when TP/PP/VPP are given."""
-    out_fmt = opts.format or ("torch_dist" if src_fmt == "megatron_torch_dist" else "legacy")
-    check_destination(dst, opts.force)
-    if src_fmt == "megatron_legacy" and out_fmt == "legacy":
-        return megatron_to_megatron(src, dst, opts)
-    if src_fmt == "megatron_legacy":  # -> torch_dist: reshard in legacy form first if the layout changes
-        if opts.tp is None and opts.pp is None and opts.vpp == 1 and opts.dtype is None:
-            return legacy_to_torch_dist(src, dst, opts)
-        with _scratch(dst) as tmp:
-            staged = os.path.join(tmp, "legacy")
-            megatron_to_megatron(src, staged, _staged(opts, name_style="local"))
-            return legacy_to_torch_dist(staged, dst, opts)
-    # torch_dist source: megatron-core reshards at load
-    if out_fmt == "legacy" and opts.name_style == "local" and opts.dtype is None:
-        return torch_dist_to_legacy(src, dst, opts)
-    with _scratch(dst) as tmp:
-        staged = os.path.join(tmp, "legacy")
-        torch_dist_to_legacy(src, staged, _staged(opts))
-        if out_fmt == "legacy":
-            return megatron_to_megatron(staged, dst, _staged(opts, tp=None, pp=None, vpp=1, force=opts.force))
-        if opts.dtype is not None:
-            recast = os.path.join(tmp, "recast")
-            megatron_to_megatron(staged, recast, _staged(opts, tp=None, pp=None, vpp=1, name_style="local"))
-            staged = recast
-        return legacy_to_torch_dist(staged, dst, opts)
 
 
 def hf_to_family(src: str, dst: str, opts: ConvertOptions, family: str) -> str:
     from checkpoint_tools.family_convert import convert_family
 
     return convert_family(src, dst, family, dtype=opts.dtype, tokenizer=opts.tokenizer,
-                          max_shard_bytes=opts.max_shard_bytes, force=opts.force, progress=opts.progress)
+                          max_shard_bytes=opts.value("max_shard_bytes"), force=opts.force, progress=opts.progress)
 
 
 _ALIAS = re.compile(r"^trans_([\w.]+?)_to_([\w.]+)$")
@@ -245,40 +187,50 @@ def check_source(src: str, fmt: str, expected: str) -> None:
         raise ValueError(f"{src} is a {got} checkpoint, not {want}; use trans_{got}_to_... or --from {got}")
 
 
-def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None,
-            source: Optional[str] = None) -> tuple[str, str]:
-    """Dispatch on the source format (checked against `source` when given). Returns (what was done, dst)."""
+# Each primitive reads one folder and writes one; `family` is the Hugging Face target family, where one applies.
+STEP_FUNCTIONS = {
+    "hf_to_legacy": lambda src, dst, opts, family: hf_to_megatron(src, dst, opts),
+    "hf_to_family": lambda src, dst, opts, family: hf_to_family(src, dst, opts, family),
+    "legacy_to_hf": lambda src, dst, opts, family: megatron_to_hf(src, dst, opts, family=family),
+    "legacy_to_legacy": lambda src, dst, opts, family: megatron_to_megatron(src, dst, opts),
+    "legacy_to_torch_dist": lambda src, dst, opts, family: legacy_to_torch_dist(src, dst, opts),
+    "torch_dist_to_legacy": lambda src, dst, opts, family: torch_dist_to_legacy(src, dst, opts),
+}
+
+
+def make_plan(src: str, opts: ConvertOptions, to: Optional[str] = None, source: Optional[str] = None) -> Plan:
+    """Detect the source format (checked against `source` when given) and plan the conversion; reads no tensors."""
     fmt = detect_format(src)
+    if opts.tokenizer is not None and not os.path.isdir(opts.tokenizer):
+        raise ValueError(f"--tokenizer {opts.tokenizer}: not a folder (pass the folder that holds tokenizer.json "
+                         f"or tokenizer.model and their config files)")
     if source is not None:
         check_source(src, fmt, source)
     target = None if to in (None, "megatron") else get_family(to).model_type  # unknown names list the supported
-    if fmt == "hf":
-        if target is None:
-            if opts.format == "torch_dist":
-                check_destination(dst, opts.force)
-                with _scratch(dst) as tmp:
-                    staged = os.path.join(tmp, "legacy")
-                    hf_to_megatron(src, staged, _staged(opts, name_style="local"))
-                    return "hf -> megatron torch_dist", legacy_to_torch_dist(staged, dst, opts)
-            return "hf -> megatron", hf_to_megatron(src, dst, opts)
-        if opts.tp is not None or opts.pp is not None or opts.vpp != 1:
-            raise ValueError(f"--tp/--pp/--vpp describe Megatron output; --to {to} writes a Hugging Face checkpoint")
-        src_family = get_family(read_hf_config(src).get("model_type", "?")).model_type
-        return f"{src_family} -> {target}", hf_to_family(src, dst, opts, target)
-    kind = "torch_dist" if fmt == "megatron_torch_dist" else "legacy"
-    if opts.tp is None and opts.pp is None and opts.format is None and to != "megatron":
-        if fmt == "megatron_legacy":
-            return f"megatron -> {target or 'hf'}", megatron_to_hf(src, dst, opts, family=target)
-        check_destination(dst, opts.force)
-        with _scratch(dst) as tmp:
-            staged = os.path.join(tmp, "legacy")
-            torch_dist_to_legacy(src, staged, _staged(opts))
-            return f"megatron torch_dist -> {target or 'hf'}", megatron_to_hf(staged, dst, opts, family=target)
-    if target is not None:
-        raise ValueError(f"--tp/--pp reshard a Megatron checkpoint; --to {to} writes a Hugging Face one (drop one)")
-    out = opts.format or kind
-    return f"megatron {kind} -> megatron {out}", to_megatron_format(src, dst, opts, fmt)
+    return plan_conversion(fmt, opts, target_family=target, megatron_target=to == "megatron")
 
 
-__all__ = ["ConvertOptions", "convert", "hf_to_megatron", "megatron_to_hf", "megatron_to_megatron", "hf_to_family",
-           "parse_alias", "common_aliases", "family_names"]
+def run_plan(plan: Plan, src: str, dst: str, opts: ConvertOptions) -> str:
+    """Run the steps in order; intermediate folders live in one scratch folder beside `dst`, removed at the end."""
+    check_destination(dst, opts.force, sources=(src, opts.tokenizer))
+    if len(plan.steps) == 1:
+        (step,) = plan.steps
+        return STEP_FUNCTIONS[step.action](src, dst, step.options(opts), plan.target_family)
+    with scratch_directory(dst) as tmp:
+        where = {SOURCE: src, DESTINATION: dst}
+        for step in plan.steps:
+            for name in (step.src, step.dst):
+                where.setdefault(name, os.path.join(tmp, name))
+            STEP_FUNCTIONS[step.action](where[step.src], where[step.dst], step.options(opts), plan.target_family)
+    return dst
+
+
+def convert(src: str, dst: str, opts: ConvertOptions, to: Optional[str] = None,
+            source: Optional[str] = None) -> tuple[str, str]:
+    """Plan and run a conversion. Returns (what was done, dst)."""
+    plan = make_plan(src, opts, to=to, source=source)
+    return plan.summary, run_plan(plan, src, dst, opts)
+
+
+__all__ = ["ConvertOptions", "convert", "make_plan", "run_plan", "hf_to_megatron", "megatron_to_hf",
+           "megatron_to_megatron", "hf_to_family", "parse_alias", "common_aliases", "family_names"]

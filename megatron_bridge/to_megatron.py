@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -44,8 +44,9 @@ def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
 
 
 def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
-                pp_rank: int) -> list[dict]:
-    """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank)."""
+                pp_rank: int, on_tensor: Callable[[], None] = lambda: None) -> list[dict]:
+    """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank); `on_tensor` is called after each
+    tensor is split (progress)."""
     cfg = source.config
     arch: Arch = arch_from_args(args)
     shape = shape_from_args(args, cfg.vocab_size)
@@ -57,6 +58,7 @@ def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_r
         sd: dict = {}
         for param, canon in global_params(arch, pp_rank, v, pp, vpp):
             sd[param.name(style)] = _shard(param.kind, [source.get(canon)], tp, tp_rank, shape)
+            on_tensor()
         for local, layer in enumerate(layers[(pp_rank, v)]):
             prefix = layer_prefix(local)
             for param in LAYER_PARAMS:
@@ -64,11 +66,21 @@ def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_r
                     continue
                 tensors = [_canonical(source, n, shapes) for n in canonical_layer_names(param.roles, layer)]
                 sd[prefix + param.name(style)] = _shard(param.kind, tensors, tp, tp_rank, shape)
+                on_tensor()
             if style == "te":
                 for extra in TE_EXTRA_STATE:
                     sd[prefix + extra] = None
         models.append(sd)
     return models
+
+
+def count_rank_tensors(args: argparse.Namespace, num_layers: int) -> int:
+    """How many tensors `rank_models` writes over all ranks (the progress bar's total; TE extra state excluded)."""
+    arch = arch_from_args(args)
+    tp, pp, vpp = parallel_sizes(args)
+    per_layer = sum(1 for param in LAYER_PARAMS if param.present(arch))
+    return tp * sum(len(list(global_params(arch, p, v, pp, vpp))) + len(layers) * per_layer
+                    for (p, v), layers in stage_layers(num_layers, pp, vpp).items())
 
 
 def check_canonical_fits(source: TensorSource, arch: Arch) -> None:
@@ -95,16 +107,16 @@ def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, st
     stage_layers(cfg.num_layers, pp, vpp)  # validates PP/VPP before anything is written
     check_canonical_fits(source, arch_from_args(args))
     with atomic_directory(dst, force=force) as tmp:
-        bar = tqdm(total=tp * pp, desc=f"writing {os.path.basename(os.path.abspath(dst))}", unit="rank",
-                   disable=not progress)
+        # Counted in tensors, not ranks, so the bar moves at TP=1 PP=1 too.
+        bar = tqdm(total=count_rank_tensors(args, cfg.num_layers), unit="tensor", disable=not progress,
+                   desc=f"writing {os.path.basename(os.path.abspath(dst))}")
         for p in range(pp):
             for t in range(tp):
-                models = rank_models(source, args, style, t, p)
+                models = rank_models(source, args, style, t, p, on_tensor=bar.update)
                 legacy_format.save_rank(tmp, iteration, t, p, pp,
                                         legacy_format.rank_payload(args, iteration, models))
                 del models
                 source.release()
-                bar.update()
         bar.close()
         legacy_format.write_tracker(tmp, iteration)
         if copy_sidecar_from:

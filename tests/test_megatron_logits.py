@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT, make_llama
 from megatron_bridge.convert import ConvertOptions, hf_to_megatron, megatron_to_hf
-from megatron_bridge.verify import compare_hf_dirs, compare_logits, hf_logits, probe_tokens, run_mcore_jobs
+from megatron_bridge.mcore_launcher import run_mcore_jobs
+from megatron_bridge.verify import compare_hf_dirs, compare_logits, hf_logits, probe_tokens
 
 TOL = 1e-4
 SEQ = 64

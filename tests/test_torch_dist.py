@@ -14,7 +14,8 @@ from checkpoint_tools.safetensors_io import CheckpointError
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, convert, detect_format
 from megatron_bridge.inspect_checkpoint import inspect
-from megatron_bridge.verify import compare_hf_dirs, compare_logits, hf_logits, probe_tokens, run_mcore_jobs
+from megatron_bridge.mcore_launcher import run_mcore_jobs
+from megatron_bridge.verify import compare_hf_dirs, compare_logits, hf_logits, probe_tokens
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@
     inspect   format, layout, names, architecture, parameter count, dtypes, size, optimizer state
     demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
     plot      TensorBoard channel-loss curves of a run -> PNG
+    preprocess  JSONL (text, channel) -> one Megatron indexed dataset per channel + the --data-path blend
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands `plot ...` to launch.plot_channel_loss, whose parser owns its options.
     sub.add_parser("plot", help="channel-loss curves of a run to PNG (python -m launch plot --help)")
+    sub.add_parser("preprocess", help="JSONL -> indexed datasets per channel (python -m launch preprocess --help)")
     return p
 
 
@@ -155,6 +157,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["plot"]:  # its own parser owns every option, --help included
         from launch import plot_channel_loss
         return plot_channel_loss.main(argv[1:]) or 0
+    if argv[:1] == ["preprocess"]:  # likewise: launch.preprocess owns its options
+        from launch import preprocess
+        return preprocess.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

@@ -16,6 +16,8 @@ import logging
 import re
 import sys
 
+from checkpoint_tools.interrupts import Terminated, termination_as_exception
+
 
 def parse_size(text: str) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
@@ -31,12 +33,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
     --to <family> a Hugging Face checkpoint of that family; a Megatron source becomes a Hugging Face checkpoint
     (of its recorded family, or --to <family>) when --tp/--pp are not given, or is resharded when they are.
     Aliases: trans_<src>_to_<dst> SRC DST (e.g. trans_qwen_to_llama) check the source and set --to."""
+    from checkpoint_tools.atomic_dir import check_paths
     from megatron_bridge.convert import ConvertOptions, convert
 
     opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names, format=a.format,
                           make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
                           tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
                           force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
+    check_paths(a.dst, sources=(a.src, a.tokenizer))  # before anything: --force must never delete a source
     what, dst = convert(a.src, a.dst, opts, to=a.to, source=a.source)
     print(f"{what}: wrote {dst}")
     return 0
@@ -162,11 +166,19 @@ def main(argv=None) -> int:
         return preprocess.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileExistsError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # SIGTERM (a scheduler's time limit) and SIGHUP unwind like Ctrl-C, so partial output is removed on the way out.
+    with termination_as_exception():
+        try:
+            return args.func(args)
+        except (ValueError, FileExistsError) as e:  # bad input: one clear line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C); partial output removed", file=sys.stderr)
+            return 130
+        except Terminated as e:
+            print(f"error: {e}; partial output removed", file=sys.stderr)
+            return e.exit_code
 
 
 if __name__ == "__main__":

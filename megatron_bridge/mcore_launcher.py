@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 from typing import Optional
 
 import torch
+
+from checkpoint_tools.interrupts import run_child
 
 
 def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) -> list[dict]:
@@ -29,7 +30,8 @@ def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) 
                "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "megatron_bridge.mcore_worker", path]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # Not subprocess.run: on Ctrl-C or SIGTERM it would SIGKILL torchrun, orphaning the workers.
+        proc = run_child(cmd, env=env, timeout=timeout)
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
             raise RuntimeError(f"megatron-core worker failed (exit {proc.returncode}):\n{tail}")

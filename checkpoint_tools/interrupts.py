@@ -1,0 +1,119 @@
+"""SIGTERM (and SIGHUP) become an exception, as Python already does for SIGINT, so the cleanup in `with` blocks runs
+when a cluster scheduler stops a conversion at its time limit or a terminal closes.
+
+Only the first signal raises: schedulers repeat SIGTERM, users press Ctrl-C twice, and a second exception would
+abort the cleanup half way. Inside `interrupts_deferred()` (the renames that install a finished checkpoint) a
+signal is held and raised when the block ends, so it lands before or after the install, never between its steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from typing import Iterator, Optional
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM or SIGHUP; a BaseException like KeyboardInterrupt, so `except
+    Exception` in between does not swallow it."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process killed by this signal
+
+
+_state = {"raised": False, "deferred": 0, "pending": None}
+
+
+def _exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _handler(signum: int, frame) -> None:
+    if _state["raised"]:
+        # os.write, not print: the main thread may be inside a write to stderr right now.
+        os.write(2, f"{signal.Signals(signum).name} ignored: still removing partial output\n".encode())
+        return
+    if _state["deferred"]:
+        _state["pending"] = _state["pending"] or signum
+        return
+    _state["raised"] = True
+    raise _exception(signum)
+
+
+@contextlib.contextmanager
+def termination_as_exception() -> Iterator[None]:
+    """Install the handlers for the duration of the block and restore the previous ones after. Main thread only; a
+    signal the parent set to be ignored (nohup, `&` in a script) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in HANDLED:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, _handler)
+    _state.update(raised=False, pending=None)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a signal that arrives inside the block and raise it at the end (only with the handlers installed)."""
+    _state["deferred"] += 1
+    try:
+        yield
+    finally:
+        _state["deferred"] -= 1
+        if not _state["deferred"] and _state["pending"] is not None:
+            signum, _state["pending"] = _state["pending"], None
+            _state["raised"] = True
+            raise _exception(signum)
+
+
+# ---- child processes: stop them before the cleanup that follows an interrupt ----
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux), so a killed
+    conversion's torchrun stops its workers instead of leaving them writing into a folder the next run removes."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[float] = None,
+              grace: float = 60.0) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` that, on an interrupt (Ctrl-C, SIGTERM, timeout), asks
+    the child to stop with SIGTERM and waits up to `grace` seconds before SIGKILL. subprocess.run would SIGKILL it
+    at once, and a SIGKILLed torchrun cannot stop its workers, which run on in their own sessions.
+
+    The child runs in its own session, so a Ctrl-C in the terminal reaches only us and it is stopped once, in order.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from checkpoint_tools.canonical import CanonicalConfig, expected_shapes
 from checkpoint_tools.hf_checkpoint import HFSource
@@ -34,7 +34,8 @@ def _base(path: str):
     return (CanonicalConfig.from_dict(meta["canonical_config"]) if meta else None), meta
 
 
-def inspect(path: str) -> dict[str, Any]:
+def inspect(path: str, allow_globals: Iterable[str] = ()) -> dict[str, Any]:
+    """What `path` holds; every pickle read is vetted by the trust policy (plus `allow_globals` the user trusts)."""
     fmt = detect_format(path)
     out: dict[str, Any] = {"path": path, "format": fmt, "bytes_on_disk": _bytes_on_disk(path)}
     if fmt == "hf":
@@ -48,7 +49,7 @@ def inspect(path: str) -> dict[str, Any]:
     base, meta = _base(path)
     out["family"] = (meta or {}).get("family")
     if fmt == "megatron_legacy":
-        ckpt = legacy_format.open_legacy(path)
+        ckpt = legacy_format.open_legacy(path, allow_globals, check_data=False)
         cfg = canonical_from_args(ckpt.args, base)
         tensors = [t for (tp_rank, pp_rank) in ckpt.ranks for sd in ckpt.models(tp_rank, pp_rank)
                    for t in sd.values() if hasattr(t, "dtype")]
@@ -57,11 +58,11 @@ def inspect(path: str) -> dict[str, Any]:
                    stored_elements=sum(t.numel() for t in tensors),
                    dtypes=dict(collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors)))
     else:
-        common = torch_dist_format.validate(path)
+        common = torch_dist_format.validate(path, allow_globals)
         args = common["args"]
         cfg = canonical_from_args(args, base)
         tp, pp, vpp = parallel_sizes(args)
-        index = torch_dist_format.tensor_index(path)
+        index = torch_dist_format.tensor_index(path, allow_globals)
         model = {k: v for k, v in index.items() if not k.startswith("optimizer")}
         out.update(iteration=legacy_format.read_tracker(path), tp=tp, pp=pp, vpp=vpp,
                    name_style=f"torch_dist global keys (saved by transformer_impl={getattr(args, 'transformer_impl', '?')})",

@@ -18,7 +18,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from checkpoint_tools.pickle_trust import PolicyLike, trust_policy
 from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.zip_integrity import check_zip_crc
 from megatron_bridge.safe_load import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -99,24 +101,39 @@ class LegacyCheckpoint:
         return any("optimizer" in p for p in self.ranks.values())
 
 
-def open_legacy(root: str, extra_globals: Iterable[str] = ()) -> LegacyCheckpoint:
+def rank_folders(it_dir: str) -> dict[tuple[int, int], str]:
+    """(tp_rank, pp_rank) -> folder name for every `mp_rank_TT` / `mp_rank_TT_PPP` folder in an iteration folder:
+    the one place that knows how rank folders are named on disk."""
+    found = {}
+    for name in os.listdir(it_dir):
+        m = _RANK_RE.match(name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)) if m.group(2) else 0)] = name
+    return found
+
+
+def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable[str] = (),
+                check_data: bool = True) -> LegacyCheckpoint:
+    """Every rank file, each scanned and loaded under the trust policy (plus `extra_globals` a user trusts).
+
+    `check_data` verifies every record's CRC first (memory-mapped tensors are otherwise never checked); describing
+    a checkpoint without using its tensors (`inspect`) can skip it."""
+    policy = trust_policy(policy).with_extra(extra_globals)
     if not is_legacy_checkpoint(root):
         raise CheckpointError(f"{root}: no {TRACKER}; not a Megatron legacy checkpoint")
     iteration = read_tracker(root)
     it_dir = os.path.join(root, iteration_dir_name(iteration))
     if not os.path.isdir(it_dir):
         raise CheckpointError(f"{root}: {TRACKER} points at {iteration_dir_name(iteration)}/, which is missing")
-    found = {}
-    for name in os.listdir(it_dir):
-        m = _RANK_RE.match(name)
-        if m:
-            found[(int(m.group(1)), int(m.group(2)) if m.group(2) else 0)] = name
+    found = rank_folders(it_dir)
     if not found:
         raise CheckpointError(f"{it_dir}: no mp_rank_* folders")
     first = os.path.join(it_dir, found[min(found)], FILE_NAME)
     if not os.path.exists(first):
         raise CheckpointError(f"{first} is missing")
-    payload0 = safe_torch_load(first, extra_globals=extra_globals)
+    if check_data:
+        check_zip_crc(first)
+    payload0 = safe_torch_load(first, policy=policy)
     args = payload0.get("args")
     if args is None:
         raise CheckpointError(f"{first}: no 'args' in the checkpoint; cannot tell its architecture")
@@ -139,20 +156,24 @@ def open_legacy(root: str, extra_globals: Iterable[str] = ()) -> LegacyCheckpoin
         path = os.path.join(it_dir, found[key], FILE_NAME)
         if not os.path.exists(path):
             raise CheckpointError(f"{path} is missing")
-        ranks[key] = safe_torch_load(path, extra_globals=extra_globals)
+        if check_data:
+            check_zip_crc(path)
+        ranks[key] = safe_torch_load(path, policy=policy)
     return LegacyCheckpoint(root, iteration, args, tp, pp, vpp, ranks)
 
 
-def load_rank(root: str, tp_rank: int, pp_rank: int, extra_globals: Iterable[str] = ()) -> dict:
-    """One rank's pickle (memory-mapped), for a process that needs only its own shard."""
+def load_rank(root: str, tp_rank: int, pp_rank: int, policy: PolicyLike = None, *,
+              extra_globals: Iterable[str] = (), check_data: bool = True) -> dict:
+    """One rank's pickle (memory-mapped), for a process that needs only its own shard; `check_data` verifies its
+    records' CRCs first (skip it when only `args` are read)."""
     it_dir = os.path.join(root, iteration_dir_name(read_tracker(root)))
-    # The folder name says whether PP > 1 (mp_rank_TT_PPP) or not (mp_rank_TT); the caller need not know.
-    candidates = [os.path.join(it_dir, rank_dir_name(tp_rank, pp_rank, pp), FILE_NAME)
-                  for pp in ((2, 1) if pp_rank == 0 else (2,))]
-    path = next((p for p in candidates if os.path.exists(p)), None)
-    if path is None:
-        raise CheckpointError(f"{candidates[0]} is missing")
-    return safe_torch_load(path, extra_globals=extra_globals)
+    folder = rank_folders(it_dir).get((tp_rank, pp_rank)) if os.path.isdir(it_dir) else None
+    path = os.path.join(it_dir, folder or rank_dir_name(tp_rank, pp_rank, 2), FILE_NAME)
+    if folder is None or not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing")
+    if check_data:
+        check_zip_crc(path)
+    return safe_torch_load(path, policy=policy, extra_globals=extra_globals)
 
 
 def payload_models(payload: dict) -> list[dict]:

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node TP*PP -m megatron_bridge.mcore_worker JOBS.json
 
-JOBS.json is a list of jobs, each {"checkpoint", "task", ...}; every job's TP*PP must equal the world size.
+JOBS.json is a list of jobs, each {"checkpoint", "task", ...}; every job's TP*PP must equal the world size. A job's
+"trust" is the launching command's pickle trust policy (TrustPolicy.to_json): checkpoints load under it here too.
     logits         "tokens": [[ids]], "out": last stage TP rank 0 saves {"logits"}
     generate       "tokens": [[prompt]], "max_new_tokens", "eos_token_id", "out": saves {"tokens"}
     to_torch_dist  "out_dir": save the checkpoint as torch_dist (megatron.core.dist_checkpointing)
@@ -19,6 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from checkpoint_tools.pickle_trust import PolicyLike, TrustPolicy
 from megatron_bridge import cpu_runtime, legacy_format, torch_dist_format
 from megatron_bridge.legacy_format import load_rank, payload_models
 from megatron_bridge.model_builder import build_models, load_weights
@@ -105,18 +107,19 @@ def load_models(job: dict):
     from megatron.core import parallel_state as ps
 
     root = job["checkpoint"]
+    policy = TrustPolicy.from_json(job.get("trust"))  # the launching command's policy, --allow-global included
     if torch_dist_format.is_torch_dist_checkpoint(root):
-        common = torch_dist_format.validate(root)
+        common = torch_dist_format.validate(root, policy)
         saved = common["args"]
         tp, pp, vpp = parallel_sizes(saved)
         args = _with_layout(saved, job.get("tp") or tp, job.get("pp") or pp, job.get("vpp") or vpp)
         _init_parallel(args)
         models = build_models(args)
-        load_torch_dist(models, root)
+        load_torch_dist(models, root, policy)
         return args, models
-    args = load_rank(root, 0, 0)["args"]
+    args = load_rank(root, 0, 0, policy, check_data=False)["args"]
     _init_parallel(args)
-    payload = load_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    payload = load_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), policy)
     models = build_models(args)
     load_weights(models, payload_models(payload))
     return args, models
@@ -126,16 +129,11 @@ def _model_keys(models: list) -> list[str]:
     return ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
 
 
-def load_torch_dist(models: list, root: str) -> None:
-    """Fill `models` from a torch_dist checkpoint through megatron.core.dist_checkpointing (reshards at load)."""
-    import argparse
-
-    from megatron.core import dist_checkpointing
-
+def load_torch_dist(models: list, root: str, policy: PolicyLike = None) -> None:
+    """Fill `models` from a torch_dist checkpoint through megatron.core.dist_checkpointing (reshards at load);
+    every pickle in it passes the trust policy first (torch_dist_format.dist_load)."""
     template = {k: m.sharded_state_dict() for k, m in zip(_model_keys(models), models)}
-    # common.pt was vetted by torch_dist_format.validate; megatron-core loads it weights-only and needs Namespace.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = dist_checkpointing.load(template, torch_dist_format.iteration_dir(root))
+    state = torch_dist_format.dist_load(template, root, policy)
     for k, m in zip(_model_keys(models), models):
         m.load_state_dict(state[k], strict=True)
 

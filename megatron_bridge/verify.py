@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -83,15 +83,15 @@ def family_round_trip(hf_dir: str, dst: str) -> str:
     return convert_family(hf_dir, dst, read_hf_config(hf_dir)["model_type"], progress=False)
 
 
-def megatron_world_size(megatron_dir: str) -> int:
+def megatron_world_size(megatron_dir: str, allow_globals: Iterable[str] = ()) -> int:
     """TP*PP of a legacy or torch_dist checkpoint (the processes megatron-core runs it with)."""
     from megatron_bridge import torch_dist_format
     from megatron_bridge.megatron_args import parallel_sizes
 
     if torch_dist_format.is_torch_dist_checkpoint(megatron_dir):
-        tp, pp, _ = parallel_sizes(torch_dist_format.validate(megatron_dir)["args"])
+        tp, pp, _ = parallel_sizes(torch_dist_format.validate(megatron_dir, allow_globals)["args"])
         return tp * pp
-    ckpt = legacy_format.open_legacy(megatron_dir)
+    ckpt = legacy_format.open_legacy(megatron_dir, allow_globals, check_data=False)
     return ckpt.tp * ckpt.pp
 
 
@@ -181,14 +181,17 @@ class VerifyReport:
 
 
 def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERANCE, seq_len: int = 16,
-           batch: int = 2, round_trip: bool = True, logits: bool = True, progress: bool = False) -> VerifyReport:
+           batch: int = 2, round_trip: bool = True, logits: bool = True, progress: bool = False,
+           allow_globals: Iterable[str] = ()) -> VerifyReport:
+    """`allow_globals`: pickled globals ('MODULE.NAME') the user trusts beyond the allow-list, for every reader."""
     from megatron_bridge.convert import ConvertOptions, convert
 
     rt = None
     if round_trip:
         with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
             back = os.path.join(tmp, "hf")
-            convert(megatron_dir, back, ConvertOptions(progress=progress))  # legacy or torch_dist
+            # legacy or torch_dist
+            convert(megatron_dir, back, ConvertOptions(progress=progress, allow_globals=tuple(allow_globals)))
             rt = compare_hf_dirs(hf_dir, back)
             if rt.mismatched and not (rt.missing or rt.extra):
                 # A folding family cannot come back bit-identical to its source, only to its own canonical trip.
@@ -203,6 +206,6 @@ def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERAN
         ref, ref_name = reference_logits(hf_dir, tokens)
         (res,) = run_mcore_jobs([{"checkpoint": os.path.abspath(megatron_dir), "task": "logits",
                                   "tokens": tokens.tolist(), "vocab_size": vocab}],
-                                nproc=megatron_world_size(megatron_dir))
+                                nproc=megatron_world_size(megatron_dir, allow_globals), policy=allow_globals)
         lg = compare_logits(ref, res["logits"], tolerance)
     return VerifyReport(rt, lg, ref_name)

@@ -87,3 +87,23 @@ def test_tokenizer_that_is_not_a_folder_is_refused_and_v_shows_the_traceback(tin
     assert not (tmp_path / "mg").exists()
     r = cli("-v", "convert", tiny_llama, str(tmp_path / "mg"), "--tokenizer", str(not_a_dir))
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def _flip_middle_byte(path: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(data)
+
+
+def test_flipped_bit_in_a_rank_file_is_refused_not_converted(tiny_llama, tmp_path):
+    """Before: torch.load(mmap=True) never checks the zip CRCs, so one flipped bit in a weight converted silently
+    into a wrong Hugging Face tensor. Now the record's checksum is checked first and nothing is written."""
+    mg = str(tmp_path / "mg")
+    hf_to_megatron(tiny_llama, mg, ConvertOptions(tp=1, pp=2, progress=False))
+    rank = os.path.join(mg, "release", "mp_rank_00_001", legacy_format.FILE_NAME)
+    _flip_middle_byte(rank)
+    r = cli("convert", mg, str(tmp_path / "back"), check=2)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "mp_rank_00_001" in lines[0] and "checksum mismatch" in lines[0], r.stderr
+    assert not (tmp_path / "back").exists()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".back")] == []

@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from checkpoint_tools.errors import CheckpointError  # noqa: F401 - re-exported for older imports
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,10 +27,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 WRITE_CHUNK = 64 * 1024**2
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is incomplete or inconsistent; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import zipfile
 import zlib
 
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 
 _CHUNK = 16 * 1024 * 1024
 

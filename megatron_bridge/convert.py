@@ -17,7 +17,7 @@ import torch
 from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
 from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.atomic_dir import atomic_directory, check_destination, scratch_directory
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
 from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, ConvertOptions, Plan, plan_conversion

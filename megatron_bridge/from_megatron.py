@@ -12,11 +12,12 @@ import torch
 
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_tensor_names
 from checkpoint_tools.canonical import EMBED
-from checkpoint_tools.safetensors_io import CheckpointError
-from megatron_bridge.layout import (LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param, canonical_layer_names,
-                                    global_params, layer_prefix, stage_layers)
+from checkpoint_tools.errors import CheckpointError
+from megatron_bridge.layout import (EMBEDDING, LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param,
+                                    canonical_layer_names, global_params, layer_prefix, stage_layers)
 from megatron_bridge.legacy_format import LegacyCheckpoint
-from megatron_bridge.megatron_args import arch_from_args, canonical_from_args, shape_from_args
+from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
+                                          true_vocab_from_args)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class MegatronSource(TensorSource):
         self.config = canonical_from_args(args, base_config)
         if vocab_size is not None:
             self.config.vocab_size = vocab_size
+        # Whether config.vocab_size is the tokenizer's (recorded, given, or in args) or only the stored row count.
+        self.vocab_known = (base_config is not None or vocab_size is not None
+                            or true_vocab_from_args(args) is not None)
         if self.config.vocab_size > args.padded_vocab_size:
             raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
         self.arch = arch_from_args(args)
@@ -62,6 +66,7 @@ class MegatronSource(TensorSource):
                 if self.style == "te":
                     used[(p, v)].update(prefix + e for e in TE_EXTRA_STATE)
         self._check_names(used)
+        self._check_tied_copy()
         self._cache: tuple = (None, None)
         wanted = set(expected_tensor_names(self.config))
         missing = sorted(wanted - set(self._index))
@@ -83,6 +88,26 @@ class MegatronSource(TensorSource):
         if problems:
             raise CheckpointError(f"{self.ckpt.root}: parameter names do not match the layout its args imply "
                                   f"(nothing is dropped silently): " + "; ".join(problems[:8]))
+
+    def _check_tied_copy(self) -> None:
+        """With tied embeddings and PP > 1 the last stage stores its own copy of the embedding as
+        `output_layer.weight`, and Megatron-LM keeps the two equal by all-reducing their gradients. A copy that
+        differs means Megatron's logits came from another matrix than its input embedding: one tied tensor cannot
+        hold both, so exporting either would silently change the model."""
+        pp, vpp = self.ckpt.pp, self.ckpt.vpp
+        if self.arch.untie or (pp, vpp) == (1, 1):
+            return
+        emb_key, out_key = EMBEDDING.name(self.style), OUTPUT_LAYER.name(self.style)
+        for t in range(self.ckpt.tp):
+            emb = self.ckpt.models(t, 0)[0][emb_key]
+            out = self.ckpt.models(t, pp - 1)[vpp - 1][out_key]
+            if emb.shape != out.shape or not torch.equal(emb, out):
+                diff = (emb.float() - out.float()).abs().max().item() if emb.shape == out.shape else "shape"
+                raise CheckpointError(
+                    f"{self.ckpt.root}: tied embeddings (untie_embeddings_and_output_weights=False), but TP rank {t}'s "
+                    f"output_layer.weight on the last pipeline stage differs from embedding.word_embeddings.weight "
+                    f"on the first (max |diff| {diff}); the stages have diverged and one tied tensor cannot hold "
+                    f"both. Nothing was written; convert a checkpoint whose stages agree")
 
     def _check_absent_are_zero(self, extra: set) -> None:
         """Biases Megatron's args forced on a model without them must still be zero, or the target loses them."""

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_llama
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, detect_format, hf_to_megatron, megatron_to_hf
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_llama
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, convert, detect_format
 from megatron_bridge.inspect_checkpoint import inspect

@@ -19,12 +19,24 @@ from megatron_bridge.param_kinds import Shape
 
 @dataclass(frozen=True)
 class ArgField:
-    """One `(canonical_key, megatron_arg)` pair; `to_args`/`from_args` convert representations."""
+    """One canonical field and the `args` names Megatron-LM records it under.
+
+    `arg` is the name we write and read first; `aliases` are the other names some Megatron-LM release uses for the
+    same field (we write them too, and read whichever is present; two names that disagree are refused).
+    `megatron_default` is what Megatron-LM computes with when a checkpoint records none of the names, used when
+    nothing else (the recorded canonical config) says better.
+    """
 
     canonical: str
     arg: str
     to_args: Optional[Callable[[Any], Any]] = None
     from_args: Optional[Callable[[Any], Any]] = None
+    aliases: tuple[str, ...] = ()
+    megatron_default: Any = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.arg,) + self.aliases
 
 
 CONFIG_TABLE = [
@@ -35,27 +47,126 @@ CONFIG_TABLE = [
     ArgField("num_key_value_heads", "num_query_groups"),
     ArgField("head_dim", "kv_channels"),
     ArgField("max_position_embeddings", "max_position_embeddings"),
-    ArgField("rms_norm_eps", "norm_epsilon"),
+    # Megatron-LM core_r0.16.0 generates its model flags from TransformerConfig: `--norm-epsilon` lands in
+    # `layernorm_epsilon` there, in `norm_epsilon` in earlier releases and in tools/checkpoint's loaders.
+    ArgField("rms_norm_eps", "layernorm_epsilon", aliases=("norm_epsilon",), megatron_default=1e-5),
     ArgField("rope_theta", "rotary_base", to_args=lambda v: int(v) if float(v).is_integer() else v,
-             from_args=float),
+             from_args=float, megatron_default=10000),
     ArgField("tie_word_embeddings", "untie_embeddings_and_output_weights", to_args=lambda v: not v,
              from_args=lambda v: not v),
     ArgField("qk_norm", "qk_layernorm"),
     ArgField("vocab_size", "vocab_size"),
 ]
 
-# Fixed facts of a Llama-shaped model in Megatron-LM's vocabulary.
-FIXED_ARGS = dict(
-    position_embedding_type="rope", rotary_percent=1.0, rotary_interleaved=False, use_rotary_position_embeddings=True,
-    normalization="RMSNorm", apply_layernorm_1p=False, apply_residual_connection_post_layernorm=False,
-    squared_relu=False, bias_gelu_fusion=False, add_position_embedding=False,
+FIELDS = {f.canonical: f for f in CONFIG_TABLE}
+
+
+@dataclass(frozen=True)
+class Unexpressible:
+    """An `args` field that changes the model's arithmetic in a way the canonical decoder cannot hold.
+
+    `harmless` lists the values that change nothing (the first is what we write); any other value is refused on
+    read, by name, because converting would silently drop what it does.
+    """
+
+    arg: str
+    harmless: tuple
+    what: str
+
+
+# Gone through megatron-core 0.16's TransformerConfig and Megatron-LM core_r0.16.0's model arguments and
+# gpt_builders.py. Left out on purpose: fields that change only precision, kernels or training (dropouts, init,
+# attention_softmax_in_fp32, fp32_residual_connection, fusions, recompute, fp8/fp4 recipes, qk_clip);
+# apply_query_key_layer_scaling (megatron-core divides the scores by the layer number and the softmax multiplies it
+# back: the same function); add_position_embedding and use_rotary_position_embeddings (superseded by
+# position_embedding_type); the MLA-, MoE- and Mamba-only knobs, covered by the switch that enables them.
+UNEXPRESSIBLE_ARGS = [
+    Unexpressible("position_embedding_type", ("rope",), "positions other than rotary (learned, mrope, relative, none)"),
+    Unexpressible("rotary_percent", (1.0,), "rotary embedding on part of each head only"),
+    Unexpressible("rotary_interleaved", (False,), "interleaved (GPT-J style) rotary pairs instead of rotate-half"),
+    Unexpressible("rotary_seq_len_interpolation_factor", (None, 1, 1.0), "linear rotary position interpolation"),
+    Unexpressible("rope_type", (None, "rope"), "YaRN rotary embeddings"),
+    Unexpressible("mrope_section", (None,), "multimodal rotary sections"),
+    Unexpressible("no_rope_freq", (None,), "layers without rotary embeddings"),
+    Unexpressible("normalization", ("RMSNorm",), "LayerNorm (with bias) instead of RMSNorm"),
+    # --apply-layernorm-1p: `layernorm_zero_centered_gamma` in core_r0.16.0, `apply_layernorm_1p` before.
+    Unexpressible("layernorm_zero_centered_gamma", (False,), "norms that scale by (1 + weight)"),
+    Unexpressible("apply_layernorm_1p", (False,), "norms that scale by (1 + weight)"),
+    Unexpressible("apply_residual_connection_post_layernorm", (False,), "the residual taken after the norm"),
+    Unexpressible("qk_l2_norm", (False,), "L2-normalised queries and keys"),
+    Unexpressible("attention_output_gate", (False,), "a gate on the attention output"),
+    Unexpressible("softmax_type", ("vanilla",), "an off-by-one or learnable-sink attention softmax"),
+    Unexpressible("softmax_scale", (None,), "an attention scale other than 1/sqrt(head_dim)"),
+    Unexpressible("window_size", (None, (-1, -1), [-1, -1]), "sliding-window attention"),
+    Unexpressible("window_attn_skip_freq", (None,), "sliding-window attention on some layers"),
+    Unexpressible("experimental_attention_variant", (None,), "an experimental attention variant"),
+    Unexpressible("linear_attention_freq", (None,), "linear-attention layers"),
+    Unexpressible("multi_latent_attention", (False,), "multi-latent attention"),
+    Unexpressible("num_experts", (None, 0), "mixture-of-experts MLPs"),
+    Unexpressible("num_moe_experts", (None, 0), "mixture-of-experts MLPs"),
+    Unexpressible("mtp_num_layers", (None, 0), "multi-token-prediction layers"),
+    Unexpressible("squared_relu", (False,), "a squared-ReLU MLP"),
+    Unexpressible("quick_geglu", (False,), "a quick-GELU gated MLP"),
+    Unexpressible("glu_linear_offset", (0.0,), "an offset inside the gated linear unit"),
+    Unexpressible("activation_func_clamp_value", (None,), "clamped MLP activations"),
+    Unexpressible("is_hybrid_model", (False,), "Mamba hybrid layers"),
+    Unexpressible("hybrid_override_pattern", (None,), "Mamba hybrid layers"),
+    Unexpressible("heterogeneous_layers_config_path", (None,), "layers of different shapes"),
+    Unexpressible("heterogeneous_layers_config_encoded_json", (None,), "layers of different shapes"),
+    Unexpressible("spec", (None,), "a custom layer spec module, whose arithmetic is unknown here"),
+    Unexpressible("use_legacy_models", (False,), "a megatron.legacy model (other parameter names and layout)"),
+    # Not arithmetic, but the even split every stage map here assumes.
+    Unexpressible("decoder_first_pipeline_num_layers", (None,), "an uneven first pipeline stage"),
+    Unexpressible("decoder_last_pipeline_num_layers", (None,), "an uneven last pipeline stage"),
+    Unexpressible("pipeline_model_parallel_layout", (None,), "a custom pipeline layout"),
+    Unexpressible("account_for_embedding_in_pipeline_split", (False,), "an uneven pipeline split"),
+    Unexpressible("account_for_loss_in_pipeline_split", (False,), "an uneven pipeline split"),
+]
+
+
+def check_expressible(a: argparse.Namespace, where: str = "checkpoint args") -> None:
+    """Refuse, naming every offending field at once, args whose model the canonical decoder cannot reproduce."""
+    view = vars(a)
+    bad = [f"{u.arg}={view[u.arg]!r} ({u.what})" for u in UNEXPRESSIBLE_ARGS
+           if u.arg in view and view[u.arg] not in u.harmless]
+    if bad:
+        raise ValueError(f"{where}: {'; '.join(bad)}: the canonical Llama-shaped decoder cannot express this, so "
+                         f"converting would change the model's outputs; nothing was written. Convert a model "
+                         f"without these features")
+
+
+def legacy_arg_names(a: argparse.Namespace) -> argparse.Namespace:
+    """A copy of `a` with pre-core_r0.16.0 spellings mapped as Megatron-LM itself maps them at load."""
+    view = dict(vars(a))
+    if "disable_bias_linear" in view and "add_bias_linear" not in view:
+        view["add_bias_linear"] = not view["disable_bias_linear"]
+    if "position_embedding_type" not in view and view.get("use_rotary_position_embeddings"):
+        view["position_embedding_type"] = "rope"
+    return argparse.Namespace(**view)
+
+
+def read_arg(a: argparse.Namespace, f: ArgField) -> Any:
+    """The value of `f` under whichever of its names `a` records (None if none); names that disagree raise."""
+    found = {n: getattr(a, n) for n in f.names if getattr(a, n, None) is not None}
+    if len(set(map(repr, found.values()))) > 1:
+        raise ValueError(f"checkpoint args record {f.canonical} under several names that disagree: {found}; "
+                         f"fix the args so they agree")
+    return next(iter(found.values()), None)
+
+
+# Written with every checkpoint; not read back. What Megatron-LM itself writes differs for some of these (it keeps
+# its dropouts, initialisation, softmax precision ...) and none changes what a forward pass computes.
+BOOKKEEPING_ARGS = dict(
+    use_rotary_position_embeddings=True, add_position_embedding=False, bias_gelu_fusion=False,
     hidden_dropout=0.0, attention_dropout=0.0, apply_query_key_layer_scaling=False,
-    attention_softmax_in_fp32=True, init_method_std=0.02, num_experts=None, encoder_num_layers=None,
-    decoder_num_layers=None, num_layers_per_virtual_pipeline_stage=None, data_parallel_size=1,
+    attention_softmax_in_fp32=True, init_method_std=0.02, encoder_num_layers=None,
+    num_layers_per_virtual_pipeline_stage=None, data_parallel_size=1,
     consumed_train_samples=0, consumed_valid_samples=0, ckpt_format="torch", use_dist_ckpt=False,
     fp32_residual_connection=False, sequence_parallel=False,
-    context_parallel_size=1, expert_model_parallel_size=1, multi_latent_attention=False,
+    context_parallel_size=1, expert_model_parallel_size=1,
 )
+# The fixed facts of a Llama-shaped model: the harmless value of each field that would change its arithmetic.
+FIXED_ARGS = {**BOOKKEEPING_ARGS, **{u.arg: u.harmless[0] for u in UNEXPRESSIBLE_ARGS}}
 
 
 # The gated MLP's activation (canonical hidden_act) in Megatron-LM's flags. Both are gated linear units; the
@@ -104,7 +215,8 @@ def args_from_canonical(cfg: CanonicalConfig, *, tp: int = 1, pp: int = 1, vpp: 
     a = argparse.Namespace(**FIXED_ARGS, **ACTIVATION_ARGS[cfg.hidden_act])
     for f in CONFIG_TABLE:
         v = getattr(cfg, f.canonical)
-        setattr(a, f.arg, f.to_args(v) if f.to_args else v)
+        for name in f.names:
+            setattr(a, name, f.to_args(v) if f.to_args else v)
     a.group_query_attention = cfg.num_key_value_heads != cfg.num_attention_heads
     a.add_qkv_bias = cfg.qkv_bias
     a.add_bias_linear = cfg.o_bias or cfg.mlp_bias
@@ -129,26 +241,31 @@ def args_from_canonical(cfg: CanonicalConfig, *, tp: int = 1, pp: int = 1, vpp: 
 
 
 def canonical_from_args(a: argparse.Namespace, base: Optional[CanonicalConfig] = None) -> CanonicalConfig:
-    """The canonical config of a Megatron checkpoint; `base` (recorded at import) fills what args cannot say."""
-    if getattr(a, "normalization", "RMSNorm") != "RMSNorm":
-        raise ValueError(f"normalization={a.normalization!r}: the canonical decoder uses RMSNorm")
+    """The canonical config of a Megatron checkpoint; `base` (recorded at import) fills what args cannot say.
+
+    Every field is read under every name Megatron-LM records it under; a field that changes the arithmetic in a way
+    canonical cannot hold is refused by name (`UNEXPRESSIBLE_ARGS`).
+    """
+    a = legacy_arg_names(a)
+    check_expressible(a)
     hidden_act = activation_from_args(a)
-    if getattr(a, "position_embedding_type", "rope") != "rope":
-        raise ValueError(f"position_embedding_type={a.position_embedding_type!r}: only rope is supported")
-    if getattr(a, "num_experts", None):
-        raise ValueError(f"num_experts={a.num_experts}: mixture-of-experts checkpoints are not supported")
     values = base.to_dict() if base else {}
     values["hidden_act"] = hidden_act
     for f in CONFIG_TABLE:
-        v = getattr(a, f.arg, None)
+        v = read_arg(a, f)
         if v is None:
-            continue
+            if base is not None or f.megatron_default is None:
+                continue
+            v = f.megatron_default
         values[f.canonical] = f.from_args(v) if f.from_args else v
     if not getattr(a, "group_query_attention", False):
         values["num_key_value_heads"] = a.num_attention_heads
     if values.get("head_dim") is None:
         values["head_dim"] = a.hidden_size // a.num_attention_heads
-    if values.get("vocab_size") is None:
+    true_vocab = true_vocab_from_args(a)
+    if true_vocab is not None:
+        values["vocab_size"] = true_vocab
+    elif values.get("vocab_size") is None:  # unknown: every stored row is kept
         values["vocab_size"] = a.padded_vocab_size
     bias_linear = bool(getattr(a, "add_bias_linear", False))
     qkv_bias = bool(getattr(a, "add_qkv_bias", False)) or bias_linear
@@ -171,7 +288,54 @@ def canonical_from_args(a: argparse.Namespace, base: Optional[CanonicalConfig] =
     return CanonicalConfig.from_dict(values)
 
 
+# Megatron-LM's NullTokenizer appends an end-of-document id after the `--vocab-size` ids it is given.
+_TOKENIZERS_WITH_EOD_AFTER_VOCAB = ("NullTokenizer", "NullMultimodalTokenizer")
+
+
+def true_vocab_from_args(a: argparse.Namespace) -> Optional[int]:
+    """The true (unpadded) vocab size the args record, or None: a Megatron-LM run with a Hugging Face or
+    SentencePiece tokenizer records only `padded_vocab_size`."""
+    v = getattr(a, "vocab_size", None)
+    if v is None:
+        return None
+    return int(v) + 1 if getattr(a, "tokenizer_type", None) in _TOKENIZERS_WITH_EOD_AFTER_VOCAB else int(v)
+
+
+def resharded_args(old: argparse.Namespace, cfg: CanonicalConfig, *, vocab_known: bool, tp: int, pp: int, vpp: int,
+                   divisible_by: int, transformer_impl: str = "local") -> argparse.Namespace:
+    """The source run's args with only the layout, and what depends on it, changed.
+
+    The padded vocab follows Megatron-LM's rule (a multiple of `divisible_by` x TP) from the true vocab. When the
+    true vocab is unknown, `cfg.vocab_size` is the stored row count: it is kept, and `vocab_size` stays unrecorded,
+    so the output never claims the padded size is the vocab. If Megatron-LM's rule would then need a different
+    padded size than the source's, nobody can tell which rows are real: refused, asking for --vocab-size.
+    """
+    fresh = args_from_canonical(cfg, tp=tp, pp=pp, vpp=vpp, make_vocab_size_divisible_by=divisible_by,
+                                transformer_impl=transformer_impl)
+    if not vocab_known and fresh.padded_vocab_size != old.padded_vocab_size:
+        raise ValueError(
+            f"the checkpoint records no true vocab size (only padded_vocab_size={old.padded_vocab_size}); at TP={tp} "
+            f"with --make-vocab-size-divisible-by {divisible_by} Megatron-LM pads to a multiple of "
+            f"{divisible_by * tp}, which depends on it. Pass --vocab-size N (the tokenizer's size)")
+    changed = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+               "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "make_vocab_size_divisible_by",
+               "world_size", "transformer_impl", "params_dtype", "bf16", "fp16")
+    args = argparse.Namespace(**{**vars(old), **{k: getattr(fresh, k) for k in changed}})
+    if vocab_known:
+        args.vocab_size = cfg.vocab_size
+        if getattr(args, "tokenizer_type", None) in _TOKENIZERS_WITH_EOD_AFTER_VOCAB:
+            args.vocab_size = cfg.vocab_size - 1
+    return args
+
+
+def rms_norm_eps_from_args(a: argparse.Namespace) -> float:
+    """The norm epsilon megatron-core computes with, under whichever name the args record it."""
+    v = read_arg(a, FIELDS["rms_norm_eps"])
+    return float(v if v is not None else FIELDS["rms_norm_eps"].megatron_default)
+
+
 def arch_from_args(a: argparse.Namespace) -> Arch:
+    a = legacy_arg_names(a)
     return Arch(qkv_bias=bool(getattr(a, "add_qkv_bias", False) or getattr(a, "add_bias_linear", False)),
                 linear_bias=bool(getattr(a, "add_bias_linear", False)),
                 qk_layernorm=bool(getattr(a, "qk_layernorm", False)),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megatron_bridge.from_megatron import detect_name_style
 from megatron_bridge.layout import LAYER_PARAMS
-from megatron_bridge.megatron_args import activation_from_args, parallel_sizes
+from megatron_bridge.megatron_args import activation_from_args, parallel_sizes, rms_norm_eps_from_args
 
 
 def _activation(args: argparse.Namespace):
@@ -32,7 +32,7 @@ def transformer_config(args: argparse.Namespace):
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=ng, ffn_hidden_size=args.ffn_hidden_size, kv_channels=args.kv_channels,
-        normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon, gated_linear_unit=True,
+        normalization="RMSNorm", layernorm_epsilon=rms_norm_eps_from_args(args), gated_linear_unit=True,
         activation_func=_activation(args), add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=getattr(args, "qk_layernorm", False), hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

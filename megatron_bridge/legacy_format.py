@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from checkpoint_tools.pickle_trust import PolicyLike, trust_policy
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.zip_integrity import check_zip_crc
 from megatron_bridge.safe_load import safe_torch_load
 

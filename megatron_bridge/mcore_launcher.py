@@ -16,13 +16,18 @@ from typing import Optional
 import torch
 
 from checkpoint_tools.interrupts import run_child
+from checkpoint_tools.pickle_trust import PolicyLike, trust_policy
 
 
-def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None) -> list[dict]:
-    """Run worker jobs under `torchrun --nproc_per_node nproc` (gloo on CPU) and return each job's result."""
+def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None,
+                   policy: PolicyLike = None) -> list[dict]:
+    """Run worker jobs under `torchrun --nproc_per_node nproc` (gloo on CPU) and return each job's result.
+    `policy`: the pickle trust policy (or extra 'MODULE.NAME' globals) the workers load checkpoints under."""
+    trust = trust_policy(policy).to_json()
     with tempfile.TemporaryDirectory(prefix="mcore-jobs-") as tmp:
         for i, job in enumerate(jobs):
             job.setdefault("out", os.path.join(tmp, f"result{i}.pt"))
+            job.setdefault("trust", trust)
         path = os.path.join(tmp, "jobs.json")
         with open(path, "w") as f:
             json.dump(jobs, f)

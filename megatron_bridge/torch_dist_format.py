@@ -4,9 +4,12 @@
     <root>/release/ or <root>/iter_0000100/
         metadata.json              {"sharded_backend": "torch_dist", ...}
         common.pt                  args, checkpoint_version, iteration (a torch pickle: loaded weights-only)
-        .metadata                  DCP index of every tensor shard (a plain pickle: vetted by a restricted unpickler
-                                   before megatron-core reads it)
-        __R_I.distcp               tensor data written by rank R
+        .metadata                  DCP index of every tensor shard (a plain pickle)
+        __R_I.distcp               tensor data written by rank R, and byte objects (torch.save payloads)
+
+Every pickle here (common.pt, .metadata, each byte object) passes checkpoint_tools.pickle_trust before anything
+unpickles it: `validate` vets them all, and `dist_load` vets, then lets megatron-core load with our copy of
+common.pt (megatron-core and PyTorch DCP would otherwise unpickle .metadata and byte objects without limits).
 
 Tensors are stored by global, layout-free keys (layers stacked on a leading axis), so a checkpoint saved at one
 TP/PP is loaded at another: megatron-core reshards at load. Saving and loading therefore run inside real
@@ -14,15 +17,14 @@ megatron-core models under torchrun (see mcore_worker); this module holds the fo
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
-from typing import Any, Optional
+from typing import Optional
 
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.pickle_trust import (PolicyLike, load_pickle_file, load_torch_file, scan_torch_bytes,
+                                           trust_policy)
+from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.legacy_format import TRACKER, iteration_dir_name, read_tracker
-from megatron_bridge.safe_load import safe_torch_load
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # as Megatron-LM writes
 
@@ -40,45 +42,46 @@ def is_torch_dist_checkpoint(root: str) -> bool:
         return False
 
 
-class _DcpUnpickler(pickle.Unpickler):
-    """Only the plain-data classes a DCP `.metadata` index is made of."""
-
-    _TORCH = {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-              "float8_e4m3fn", "float8_e5m2", "strided", "contiguous_format", "channels_last", "preserve_format"}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") or (module == "torch" and name in self._TORCH) \
-                or (module == "collections" and name == "OrderedDict") \
-                or (module == "torch.serialization" and name == "_get_layout") \
-                or (module == "builtins" and name in {"set", "frozenset", "slice", "tuple", "list", "dict"}):
-            return super().find_class(module, name)
-        raise CheckpointError(f".metadata refers to {module}.{name}, which a DCP index never needs; refused")
-
-
-def read_dcp_metadata(root: str):
-    """The DCP index (torch.distributed.checkpoint.metadata.Metadata), unpickled with the restricted unpickler."""
+def read_dcp_metadata(root: str, policy: PolicyLike = None):
+    """The DCP index (torch.distributed.checkpoint.metadata.Metadata), scanned and unpickled under the policy."""
     path = os.path.join(iteration_dir(root), ".metadata")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: an incomplete torch_dist checkpoint")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return _DcpUnpickler(io.BytesIO(data)).load()
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any damage means the index is unusable
-        raise CheckpointError(f"{path}: truncated or corrupt DCP index ({e})") from None
+    return load_pickle_file(path, policy)
 
 
-def read_common(root: str) -> dict:
+def read_common(root: str, policy: PolicyLike = None) -> dict:
     path = os.path.join(iteration_dir(root), "common.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: an incomplete torch_dist checkpoint")
-    return safe_torch_load(path, mmap=False)
+    return load_torch_file(path, policy, mmap=False)
 
 
-def validate(root: str) -> dict:
-    """Check that every file the index names exists and is long enough; return the common state dict."""
+def vet_byte_objects(root: str, md, policy: PolicyLike = None) -> int:
+    """Scan every byte object of the index (torch.save payloads inside the .distcp files: `_extra_state`, RNG and
+    optimizer objects) under the policy. PyTorch DCP loads them with `torch.load(weights_only=False)`, so this
+    scan is all that stands between a crafted .distcp file and code execution. Returns how many were scanned."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    it_dir = iteration_dir(root)
+    count = 0
+    for index, info in (md.storage_data or {}).items():
+        if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        where = f"{os.path.join(it_dir, info.relative_path)} (byte object {index.fqn!r})"
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{where}: stored through transforms {info.transform_descriptors}; such an "
+                                  f"object cannot be vetted before PyTorch unpickles it, so it is refused")
+        with open(os.path.join(it_dir, info.relative_path), "rb") as f:
+            f.seek(info.offset)
+            scan_torch_bytes(f.read(info.length), where, policy)
+        count += 1
+    return count
+
+
+def validate(root: str, policy: PolicyLike = None) -> dict:
+    """Check that every file the index names exists and is long enough and that every pickle in the checkpoint
+    (common.pt, .metadata, byte objects) passes the trust policy; return the common state dict."""
     it_dir = iteration_dir(root)
     with open(os.path.join(it_dir, "metadata.json")) as f:
         meta = json.load(f)
@@ -86,8 +89,8 @@ def validate(root: str) -> dict:
         raise CheckpointError(f"{it_dir}: sharded_backend={meta.get('sharded_backend')!r}; only torch_dist is supported")
     if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
         raise CheckpointError(f"{it_dir}: holds both torch_dist files and legacy mp_rank_* folders; separate them")
-    common = read_common(root)
-    md = read_dcp_metadata(root)
+    common = read_common(root, policy)
+    md = read_dcp_metadata(root, policy)
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -100,12 +103,13 @@ def validate(root: str) -> dict:
             problems.append(f"{rel} is truncated ({os.path.getsize(p)} < {end} bytes)")
     if problems:
         raise CheckpointError(f"{it_dir}: " + "; ".join(problems))
+    vet_byte_objects(root, md, policy)
     return common
 
 
-def tensor_index(root: str) -> dict[str, tuple[tuple[int, ...], Optional[str]]]:
+def tensor_index(root: str, policy: PolicyLike = None) -> dict[str, tuple[tuple[int, ...], Optional[str]]]:
     """Global key -> (global shape, dtype name) for every tensor in the checkpoint (no tensor data read)."""
-    md = read_dcp_metadata(root)
+    md = read_dcp_metadata(root, policy)
     out = {}
     for key, m in md.state_dict_metadata.items():
         size = getattr(m, "size", None)
@@ -113,3 +117,21 @@ def tensor_index(root: str) -> dict[str, tuple[tuple[int, ...], Optional[str]]]:
             continue  # bytes objects (e.g. _extra_state, optimizer step counters)
         out[key] = (tuple(size), str(m.properties.dtype).replace("torch.", ""))
     return out
+
+
+def dist_load(sharded_state_dict: dict, root: str, policy: PolicyLike = None) -> dict:
+    """megatron.core.dist_checkpointing.load of a vetted checkpoint: every pickle passes the policy first (in this
+    process, right before megatron-core reads the files), and common.pt is handed over already loaded, so
+    megatron-core never unpickles it itself."""
+    import copy
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    common = validate(root, trust_policy(policy))
+
+    class VettedCommon(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return copy.deepcopy(common)  # megatron-core merges loaded state into it
+
+    return dist_checkpointing.load(sharded_state_dict, iteration_dir(root), common_strategy=VettedCommon())

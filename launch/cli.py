@@ -51,7 +51,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from megatron_bridge.verify import verify
 
     report = verify(a.hf, a.megatron, tolerance=a.tolerance, seq_len=a.seq_len, batch=a.batch,
-                    round_trip=not a.no_round_trip, logits=not a.no_logits)
+                    round_trip=not a.no_round_trip, logits=not a.no_logits, allow_globals=a.allow_global)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -62,7 +62,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     from megatron_bridge.inspect_checkpoint import inspect, render
 
-    info = inspect(a.path)
+    info = inspect(a.path, allow_globals=a.allow_global)
     print(json.dumps(info, indent=2, default=str) if a.json else render(info))
     return 0
 
@@ -72,6 +72,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from launch.demo import run_demo
 
     return run_demo(work_dir=a.work_dir, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens, prompt=a.prompt)
+
+
+def global_name(text: str) -> str:
+    """argparse type for --allow-global: MODULE.NAME, checked before any file is read."""
+    from checkpoint_tools.pickle_trust import parse_global
+
+    try:
+        parse_global(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_allow_global(p: argparse.ArgumentParser) -> None:
+    """Every command that reads Megatron files takes the same trust option (and hands it to torchrun workers)."""
+    p.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME", type=global_name,
+                   help="trust one more pickled global (an exact module and name) in checkpoint files; repeatable; "
+                        "default: the built-in allow-list only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors shard for HF output (default 2GB)")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     c.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    c.add_argument("--allow-global", action="append", default=[], metavar="MODULE.NAME",
-                   help="trust one more pickled global in Megatron files (repeatable; default: allow-list only)")
+    add_allow_global(c)
     c.set_defaults(func=cmd_convert)
 
     v = sub.add_parser("verify", help="round trip + logits check", description=cmd_verify.__doc__)
@@ -117,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch", type=int, default=2, help="probe batch size")
     v.add_argument("--no-round-trip", action="store_true", help="skip the Megatron -> HF bit-exact check")
     v.add_argument("--no-logits", action="store_true", help="skip the megatron-core logits check")
+    add_allow_global(v)
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("inspect", help="describe a checkpoint", description=cmd_inspect.__doc__)
     i.add_argument("path", help="checkpoint folder")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    add_allow_global(i)
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="SmolLM2 end to end", description=cmd_demo.__doc__)

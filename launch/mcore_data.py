@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -311,22 +310,20 @@ def empty_row(seq_length: int) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- batches
 
 def pretraining_indices(num_rows: int, consumed: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                        cyclic: bool = True, pad: bool = False) -> Iterator[list[Optional[int]]]:
+                        once_in: Optional[int] = None) -> Iterator[list[Optional[int]]]:
     """Megatron-LM's ``MegatronPretrainingSampler``: global rows in order from ``consumed``; each global
     micro-batch step takes ``micro_batch_size * dp_size`` rows and this DP rank gets its contiguous slice.
 
-    ``cyclic`` starts over when the rows run out (SFT data smaller than the run); ``pad`` instead completes the last
-    step with ``None`` (rows that score nothing) and stops: every row exactly once.
+    By default the rows repeat when they run out (SFT data smaller than the run). With ``once_in`` (a global batch
+    size) every row comes exactly once, and the last global batch is completed with ``None`` (rows that score
+    nothing) so that every rank runs the same number of steps.
     """
     step = micro_batch_size * dp_size
+    total = math.ceil(num_rows / once_in) * once_in if once_in else None
     start = consumed
-    while True:
-        if not cyclic and start >= num_rows:
-            return
-        rows = [(start + k) % num_rows if cyclic else (start + k if start + k < num_rows else None)
+    while total is None or start < total:
+        rows = [(start + k) % num_rows if total is None else (start + k if start + k < num_rows else None)
                 for k in range(step)]
-        if not pad and not cyclic and None in rows:
-            return
         yield rows[dp_rank * micro_batch_size:(dp_rank + 1) * micro_batch_size]
         start += step
 
@@ -396,5 +393,3 @@ def steps_for_once(num_rows: int, global_batch_size: int) -> int:
     return max(1, math.ceil(num_rows / global_batch_size))
 
 
-def as_numpy_ids(samples: Sequence[Sample]) -> list[np.ndarray]:
-    return [np.asarray(s.tokens + s.labels[-1:], dtype=np.int64) for s in samples]

@@ -297,8 +297,6 @@ def plan_run(a: argparse.Namespace) -> Plan:
               f"{a.micro_batch_size} x DP {dp})) to be a multiple of PP={pp}; raise --global-batch-size")
     if not a.eval_only and a.train_iters <= iteration:
         _fail(f"--train-iters {a.train_iters} is not past the checkpoint's iteration {iteration}; nothing to train")
-    if a.ckpt_format == "torch_dist" and a.save is None:
-        pass
     plan = Plan(a, model_args, world, dp, vpp, num_micro, iteration=iteration, load_format=fmt)
     plan.model_args.global_batch_size = gbs
     _plan_data(plan)
@@ -434,6 +432,11 @@ class Trainer:
         m.bf16 = a.bf16
         self.chunks = build_model_chunks(m, initialize=a.load is None, init_std=a.init_method_std)
         config = self.chunks[0].config
+        if dist.get_backend() == "gloo":
+            # gloo pairs sends and receives by posting order per peer. Batched p2p posts send_prev before send_next,
+            # so at PP=2 (prev == next) the interleaved schedule's activations and gradients cross (same shapes:
+            # wrong losses, no error). Unbatched p2p splits the two directions over two groups.
+            config.batch_p2p_comm = False
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False, bucket_size=None)
         self.model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c,
@@ -462,6 +465,8 @@ class Trainer:
                                                  load_rng=not (a.no_load_rng or a.finetune),
                                                  allow_globals=a.allow_global)
             if not self.resumed:
+                # bf16 keeps fp32 master copies made when the optimizer was built: refresh them from the weights.
+                self.optimizer.reload_model_params()
                 self.iteration = 0 if a.finetune else plan.iteration
         self.consumed = self.iteration * self.gbs
 
@@ -485,7 +490,7 @@ class Trainer:
 
         return ps.get_tensor_model_parallel_rank() == 0
 
-    def _iterators(self, dataset, consumed: int, cyclic: bool, pad: bool):
+    def _iterators(self, dataset, consumed: int, once: bool = False):
         """One TP-broadcast iterator per model chunk, all over the same rows (the interleaved schedule calls each
         chunk's own iterator, as Megatron-LM's per-chunk data iterators)."""
         from megatron.core import parallel_state as ps
@@ -497,7 +502,7 @@ class Trainer:
             if self._reading_rank():
                 indices = mcore_data.pretraining_indices(
                     len(dataset), consumed, a.micro_batch_size, ps.get_data_parallel_rank(), self.plan.dp,
-                    cyclic=cyclic, pad=pad)
+                    once_in=self.gbs if once else None)
                 source = mcore_data.batches(dataset, indices, a.seq_length)
             out.append(mcore_data.TPBroadcast(source, a.micro_batch_size, a.seq_length, self.packing))
         return out if len(out) > 1 else out[0]
@@ -508,7 +513,7 @@ class Trainer:
 
         a, plan = self.args, self.plan
         self.train_rows = self.valid_rows = None
-        if a.data_path:
+        if a.data_path and not a.eval_only:
             prefixes, weights = mcore_data.parse_blend(a.data_path)
             evals = (a.train_iters // a.eval_interval + 1) * a.eval_iters if a.eval_iters else 0
             sizes = [a.train_iters * self.gbs, evals * self.gbs, 0]
@@ -525,7 +530,7 @@ class Trainer:
                 raise ValueError(f"--data-path {a.data_path} with --split {a.split} leaves no training sequence of "
                                  f"{a.seq_length + 1} tokens; add data or change --split")
             return
-        if plan.train_samples is not None:
+        if plan.train_samples is not None and not a.eval_only:
             self.train_rows = mcore_data.SampleRows(plan.train_samples, plan.channels, a.seq_length, self.packing)
         if plan.eval_samples is not None:
             self.valid_rows = mcore_data.SampleRows(plan.eval_samples, plan.channels, a.seq_length, self.packing)
@@ -599,7 +604,7 @@ class Trainer:
         """Forward-only over ``iterations`` global batches of ``rows`` (None: every row exactly once, padded)."""
         once = iterations is None
         steps = mcore_data.steps_for_once(len(rows), self.gbs) if once else iterations
-        iterator = self._iterators(rows, 0, cyclic=not once, pad=once)
+        iterator = self._iterators(rows, 0, once)
         for chunk in self.model:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64)
@@ -673,7 +678,7 @@ class Trainer:
 
 def train(trainer: Trainer) -> None:
     a = trainer.args
-    iterator = trainer._iterators(trainer.train_rows, trainer.consumed, cyclic=True, pad=False)
+    iterator = trainer._iterators(trainer.train_rows, trainer.consumed)
     if trainer.rank == 0:
         mode = "resumed" if trainer.resumed else "starting"
         print(f" {mode} at iteration {trainer.iteration} ({trainer.consumed} samples consumed); channels "

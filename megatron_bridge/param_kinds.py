@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from checkpoint_tools.grouped_qkv import pack_grouped_qkv, unpack_grouped_qkv
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -133,26 +135,11 @@ class VocabParallel(Kind):
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
     """[nq*hd, ...], [ng*hd, ...], [ng*hd, ...] -> [ng * (nq/ng + 2) * hd, ...] grouped per KV head."""
-    ng, hd = shape.num_groups, shape.head_dim
-    per = shape.num_heads // ng
-    rest = tuple(q.shape[1:])
-    qg = q.reshape((ng, per * hd) + rest)
-    kg = k.reshape((ng, hd) + rest)
-    vg = v.reshape((ng, hd) + rest)
-    return torch.cat([qg, kg, vg], dim=1).reshape((ng * (per + 2) * hd,) + rest)
+    return pack_grouped_qkv(q, k, v, shape.num_groups, shape.head_dim)
 
 
 def unpack_qkv(fused: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
-    ng, hd = shape.num_groups, shape.head_dim
-    per = shape.num_heads // ng
-    rest = tuple(fused.shape[1:])
-    expected = ng * (per + 2) * hd
-    if fused.shape[0] != expected:
-        raise ValueError(f"linear_qkv has {fused.shape[0]} rows, expected {expected} "
-                         f"(heads={shape.num_heads}, groups={ng}, head_dim={hd})")
-    g = fused.reshape((ng, (per + 2) * hd) + rest)
-    q, k, v = torch.split(g, [per * hd, hd, hd], dim=1)
-    return [q.reshape((ng * per * hd,) + rest), k.reshape((ng * hd,) + rest), v.reshape((ng * hd,) + rest)]
+    return unpack_grouped_qkv(fused, shape.num_heads, shape.num_groups, shape.head_dim, "linear_qkv")
 
 
 class QKV(Kind):

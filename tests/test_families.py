@@ -1,8 +1,9 @@
 """Every family to and from Llama and Megatron, proven with numbers.
 
 For each family a random tiny model (2 layers, fp32) is made: by its own `transformers` class where one exists, else
-from a random Llama by the family's published packing rule (InternLM2's group-interleaved wqkv, Baichuan2's W_pack
-and NormHead, Yi's ln1/ln2). Then:
+as random tensors in the family's own names and packed layouts (InternLM2's group-interleaved wqkv, Baichuan2's
+W_pack and NormHead, Yi's ln1/ln2), whose logits come from tests/_remote_code_reference.py: a forward pass written
+from the family's published modeling code, not from our tables. Then:
   - converted to Llama, `LlamaForCausalLM` gives the original model's logits (1e-4);
   - converted to Megatron at TP=2, real megatron-core gives them too (all families in ONE torchrun launch);
   - back to the family, from Megatron and from Llama, every tensor is bit-exact, or equals exactly what the
@@ -17,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import save_file
 
+from _remote_code_reference import internlm2_qkv, reference_logits, write_checkpoint
 from conftest import ROOT
 from checkpoint_tools.family_convert import convert_family
 from checkpoint_tools.hf_checkpoint import HFSource
@@ -47,12 +48,10 @@ WITH_CLASS = {
                                       residual_multiplier=0.22, logits_scaling=8.0)),
     "internlm3": ("InternLM3Config", dict(head_dim=24)),  # transformers runs it as LlamaForCausalLM
 }
-# Families without one: built from a random Llama (these overrides) by the family's published rule.
-WITHOUT_CLASS = {
-    "internlm2": dict(attention_bias=True),  # `bias: true` covers wqkv and wo; the MLP has none
-    "baichuan": dict(num_key_value_heads=4),  # Baichuan2-7B: no GQA, no bias
-    "Yi": {},
-}
+# Families without one: random checkpoints in their own layout (tests/_remote_code_reference.py), of this shape.
+# InternLM2's published config has `bias: true` (wqkv and wo; the MLP has none); Baichuan2-7B has no GQA, no bias.
+WITHOUT_CLASS = {fam: dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2) for fam in ("internlm2", "baichuan", "Yi")}
 FAMILIES = [*WITH_CLASS, *WITHOUT_CLASS]
 
 
@@ -87,75 +86,9 @@ def _llama(overrides, seed):
     return _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **overrides})))
 
 
-def pack_wqkv(q, k, v, nkv, hd):
-    """InternLM2's published layout: for each KV group g, the group's q heads, then k_g, then v_g."""
-    per = q.shape[0] // (nkv * hd)
-    rows = []
-    for g in range(nkv):
-        rows += [q[g * per * hd:(g + 1) * per * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
-    return torch.cat(rows)
-
-
-def _remote_config(model, model_type, arch, **extra):
-    c = model.config
-    out = {"architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size,
-           "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-           "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-           "tie_word_embeddings": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-           "pad_token_id": 0, "use_cache": True, "initializer_range": 0.02, "transformers_version": "4.41.0"}
-    return {**out, **extra}
-
-
 def make_without_class(path, name, seed=0, normalized_head=False):
-    """Write a remote-code checkpoint from a random Llama; return (Llama model giving its logits, None)."""
-    model = _llama(WITHOUT_CLASS[name], seed)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    c = model.config
-    hd, nkv = c.hidden_size // c.num_attention_heads, c.num_key_value_heads
-    out = {}
-    if name == "internlm2":
-        cfg = _remote_config(model, "internlm2", "InternLM2ForCausalLM", bias=True, num_key_value_heads=nkv,
-                             rope_theta=10000, rope_scaling=None, attn_implementation="eager",
-                             auto_map={"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"})
-        out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight":
-               sd["model.norm.weight"], "output.weight": sd["lm_head.weight"]}
-        for i in range(c.num_hidden_layers):
-            a, p = f"model.layers.{i}.self_attn.", f"model.layers.{i}."
-            for kind in ("weight", "bias"):
-                out[p + f"attention.wqkv.{kind}"] = pack_wqkv(sd[a + f"q_proj.{kind}"], sd[a + f"k_proj.{kind}"],
-                                                             sd[a + f"v_proj.{kind}"], nkv, hd)
-                out[p + f"attention.wo.{kind}"] = sd[a + f"o_proj.{kind}"]
-            out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-            out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-            for w, role in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
-                out[p + f"feed_forward.{w}.weight"] = sd[p + f"mlp.{role}_proj.weight"]
-    elif name == "baichuan":
-        cfg = _remote_config(model, "baichuan", "BaichuanForCausalLM", model_max_length=256, z_loss_weight=0,
-                             auto_map={"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"})
-        for k, v in sd.items():
-            if ".q_proj." in k:
-                a = k.split("q_proj")[0]
-                out[a + "W_pack.weight"] = torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"],
-                                                      sd[a + "v_proj.weight"]])
-            elif ".k_proj." not in k and ".v_proj." not in k:
-                out[k] = v
-        if normalized_head:  # as saved after Baichuan2's first forward pass (NormHead normalizes in place)
-            out["lm_head.weight"] = F.normalize(out["lm_head.weight"], dim=-1)
-        # NormHead: the logits Baichuan2 computes use the row-normalized head
-        with torch.no_grad():
-            model.lm_head.weight.copy_(F.normalize(sd["lm_head.weight"].double(), dim=-1).float())
-    else:  # Yi: Llama with ln1 / ln2
-        cfg = _remote_config(model, "Yi", "YiForCausalLM", num_key_value_heads=nkv, rope_theta=10000.0)
-        out = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2"): v
-               for k, v in sd.items()}
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    _tokenizer_asset(path)
-    return model
+    """A random remote-code checkpoint in the family's own layout (see tests/_remote_code_reference.py)."""
+    return write_checkpoint(path, name, seed=seed, normalized_head=normalized_head, **WITHOUT_CLASS[name])
 
 
 def documented_fold(family, name, t, hf_cfg):
@@ -203,9 +136,12 @@ def zoo(tmp_path_factory):
     out, jobs = {}, []
     for i, fam in enumerate(FAMILIES):
         src = str(root / fam / "hf")
-        model = make_with_class(src, fam, seed=i) if fam in WITH_CLASS else make_without_class(src, fam, seed=i)
-        with torch.no_grad():
-            ref = model(tokens).logits
+        if fam in WITH_CLASS:
+            model = make_with_class(src, fam, seed=i)
+            with torch.no_grad():
+                ref = model(tokens).logits
+        else:  # the family's published forward pass, written independently of our tables
+            ref = reference_logits(make_without_class(src, fam, seed=i), tokens)
         r = out[fam] = {"src": src, "ref": ref, "llama": str(root / fam / "llama"), "mg": str(root / fam / "mg")}
         if fam == "qwen3":  # LlamaForCausalLM has no q/k norm: refused (tested below)
             r["llama"] = None
@@ -307,12 +243,11 @@ def test_internlm2_wqkv_follows_its_published_unpacking(zoo):
     x = torch.randn(3, 5, 64)
     for i in range(2):
         qkv = x @ hf.get(f"model.layers.{i}.attention.wqkv.weight").T + hf.get(f"model.layers.{i}.attention.wqkv.bias")
-        qkv = qkv.view(3, 5, nkv, nq // nkv + 2, hd)
-        q, k, v = qkv[..., :-2, :].reshape(3, 5, nq * hd), qkv[..., -2, :].reshape(3, 5, -1), qkv[..., -1, :]
-        for role, want in (("q", q), ("k", k), ("v", v.reshape(3, 5, -1))):
+        heads = internlm2_qkv(qkv, nq // nkv, hd)  # each [b, heads, s, d]
+        for role, want in zip("qkv", heads):
             p = f"model.layers.{i}.self_attn.{role}_proj."
             got = x @ canon.get(p + "weight").T + canon.get(p + "bias")
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got, want.transpose(1, 2).reshape(3, 5, -1), rtol=0, atol=1e-6)
 
 
 def test_baichuan_w_pack_and_norm_head_follow_their_published_rules(zoo):
@@ -373,19 +308,25 @@ def test_config_tables_round_trip():
 
 
 @pytest.mark.parametrize("nq,nkv", [(4, 1), (4, 2), (4, 4), (8, 2), (6, 3)])
-def test_grouped_qkv_pack_unpack_identity(nq, nkv):
+def test_grouped_qkv_matches_the_published_rearrange(nq, nkv):
+    """GroupedQKV reads a packed wqkv (weight rows, or bias) exactly as InternLM2Attention's rearrange does, and
+    packs the same rows back bit for bit."""
     from checkpoint_tools.canonical import CanonicalConfig, LAYER_TENSORS as L
     from checkpoint_tools.families.mappings import Ctx, GroupedQKV
 
-    hd = 4
-    cfg = CanonicalConfig(vocab_size=8, hidden_size=12, intermediate_size=8, num_layers=1, num_attention_heads=nq,
+    hd, hidden = 4, 12
+    cfg = CanonicalConfig(vocab_size=8, hidden_size=hidden, intermediate_size=8, num_layers=1, num_attention_heads=nq,
                           num_key_value_heads=nkv, head_dim=hd, qkv_bias=True)
-    for parts, rest in (((L["q"], L["k"], L["v"]), (12,)), ((L["q_bias"], L["k_bias"], L["v_bias"]), ())):
+    for parts, cols in (((L["q"], L["k"], L["v"]), hidden), ((L["q_bias"], L["k_bias"], L["v_bias"]), None)):
         (link,) = GroupedQKV("wqkv", parts).links(Ctx(cfg, {}))
-        q, k, v = torch.randn(nq * hd, *rest), torch.randn(nkv * hd, *rest), torch.randn(nkv * hd, *rest)
-        (packed,) = link.to_hf([q, k, v])
-        assert torch.equal(packed, pack_wqkv(q, k, v, nkv, hd))
-        assert all(torch.equal(a, b) for a, b in zip(link.to_canonical([packed]), (q, k, v)))
+        packed = torch.randn((nq + 2 * nkv) * hd, *(() if cols is None else (cols,)))
+        # The published unpacking acts on the output features: run it on the rows as if they were outputs.
+        rows_as_outputs = packed.reshape(packed.shape[0], -1).T[None]  # [1, cols, rows]
+        want = [h[0].permute(0, 2, 1).reshape(-1, *packed.shape[1:])  # [heads, cols, d] -> [heads * d, cols]
+                for h in internlm2_qkv(rows_as_outputs, nq // nkv, hd)]
+        got = link.to_canonical([packed])
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(link.to_hf(want)[0], packed)
 
 
 # ---- bad input: refused by name, nothing written ----
@@ -484,7 +425,7 @@ def test_make_convert_to_family_and_alias(zoo, tmp_path):
     r = subprocess.run(["make", "-s", "-C", ROOT, "convert", f"SRC={zoo['qwen2']['src']}", f"DST={llama}",
                         "TO=llama", "ARGS=--no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "qwen2 -> llama" in r.stdout
+    assert r.stdout.startswith(f"hf -> llama: wrote {llama}"), r.stdout
     back = str(tmp_path / "back")
     r = subprocess.run([sys.executable, "-m", "launch", "trans_llama_to_qwen", llama, back, "--no-progress"],
                        cwd=ROOT, capture_output=True, text=True, env=env)

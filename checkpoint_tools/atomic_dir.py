@@ -243,23 +243,21 @@ def _exchange(a: str, b: str) -> bool:
 def _install(tmp: str, dst: str) -> Optional[str]:
     """Put the complete `tmp` at `dst` without a moment where a crash loses both old and new. Returns the folder
     that now holds the replaced destination (for the caller to remove), or None."""
-    parent = os.path.dirname(dst)
-    with interrupts_deferred():
-        if not os.path.lexists(dst):
+    if not os.path.lexists(dst):
+        os.rename(tmp, dst)
+        replaced = None
+    elif _exchange(tmp, dst):
+        replaced = tmp  # now holds the old destination; if killed before removal, the next run removes it
+    else:
+        replaced = make_sibling(dst, "old")
+        os.rename(dst, os.path.join(replaced, OLD_ENTRY))
+        try:
             os.rename(tmp, dst)
-            replaced = None
-        elif _exchange(tmp, dst):
-            replaced = tmp  # now holds the old destination; if killed before removal, the next run removes it
-        else:
-            replaced = make_sibling(dst, "old")
-            os.rename(dst, os.path.join(replaced, OLD_ENTRY))
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(os.path.join(replaced, OLD_ENTRY), dst)
-                os.rmdir(replaced)
-                raise
-        fsync_path(parent)
+        except BaseException:
+            os.rename(os.path.join(replaced, OLD_ENTRY), dst)
+            os.rmdir(replaced)
+            raise
+    fsync_path(os.path.dirname(dst))
     return replaced
 
 
@@ -276,7 +274,8 @@ def atomic_directory(dst: str, force: bool = False, sources: Iterable[Optional[s
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared checkpoint private
         fsync_tree(tmp)
-        litter = _install(tmp, dst)
+        with interrupts_deferred():  # a signal lands before or after the renames, never between
+            litter = _install(tmp, dst)
     finally:
         if litter:
             shutil.rmtree(litter, ignore_errors=True)

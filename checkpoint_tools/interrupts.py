@@ -8,6 +8,7 @@ signal is held and raised when the block ends, so it lands before or after the i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -84,16 +85,17 @@ def interrupts_deferred() -> Iterator[None]:
 
 # ---- child processes: stop them before the cleanup that follows an interrupt ----
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux), so a killed
+def _die_with(parent: int):
+    """For the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux), so a killed
     conversion's torchrun stops its workers instead of leaving them writing into a folder the next run removes."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    def arm() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
 
 
 def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[float] = None,
@@ -105,7 +107,7 @@ def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[floa
     The child runs in its own session, so a Ctrl-C in the terminal reaches only us and it is stopped once, in order.
     """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=_die_with(os.getpid()))
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:

@@ -22,6 +22,7 @@ import pytest
 from conftest import ROOT, make_llama
 from checkpoint_tools import atomic_dir
 from checkpoint_tools.atomic_dir import DestinationError, atomic_directory, check_destination, recover_leftovers
+from checkpoint_tools.interrupts import Terminated, interrupts_deferred, termination_as_exception
 from launch.cli import main
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, hf_to_megatron
@@ -312,12 +313,14 @@ def test_unknown_owner_and_other_host_are_named_not_removed(tmp_path):
 @pytest.mark.parametrize("can_exchange", [True, False])
 def test_force_replacement_leaves_new_and_no_litter(tmp_path, monkeypatch, can_exchange):
     """Both replacement paths: the atomic swap and the two renames through `.old-*` (file systems without swap)."""
-    if not can_exchange:
-        monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
+    swaps = []
+    real = atomic_dir._exchange
+    monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: swaps.append(can_exchange and real(a, b)) or swaps[-1])
     dst = str(tmp_path / "out")
     for text in ("old", "new"):
         with atomic_directory(dst, force=True) as tmp:
             open(os.path.join(tmp, "f.txt"), "w").write(text)
+    assert swaps == [can_exchange]  # this file system swaps; the other path is taken only when told it cannot
     assert open(os.path.join(dst, "f.txt")).read() == "new" and _siblings(dst) == []
     assert oct(os.stat(dst).st_mode & 0o777) == "0o755"
 
@@ -357,3 +360,16 @@ def test_every_file_and_folder_is_fsynced_before_the_rename_and_the_parent_after
                for folder, dirs, files in os.walk(dst) for n in dirs + files} | {"."}
     assert len(written) > 10 and written <= synced_before, written - synced_before
     assert ("fsync", os.path.dirname(dst)) in events[i + 1:]
+
+
+def test_sigterm_is_held_while_installing_and_a_second_one_ignored_while_cleaning_up():
+    reached = []
+    with termination_as_exception():
+        with pytest.raises(Terminated) as e:
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)  # the handler runs here, and must only note the signal
+                reached.append("end of the block")
+        os.kill(os.getpid(), signal.SIGTERM)  # cleaning up now: ignored, not a second exception
+        time.sleep(0.1)
+    assert reached == ["end of the block"] and e.value.exit_code == 143

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
-import time
 from typing import Iterable, Iterator, Optional
 
 from checkpoint_tools.interrupts import interrupts_deferred
@@ -43,7 +43,7 @@ class DestinationError(ValueError):
     """The destination cannot be written as asked (overlaps a source, parent is a file, another run writes it)."""
 
 
-# ---- fsync: what a power loss test cannot check, so each step is a plain call ----
+# ---- fsync: data before the names that point at it, so a power loss cannot leave whole-looking empty files ----
 
 def fsync_path(path: str) -> None:
     """Flush one file's data, or one folder's entries, to stable storage."""
@@ -112,8 +112,17 @@ def _owner_alive(pid: int, folder: str) -> bool:
     return started is None or started <= os.stat(folder).st_mtime + 1.0
 
 
+def _delete(path: str) -> None:
+    """Remove a folder tree, or a file or symlink (what a replaced destination may have been); never follow links."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def _remove(path: str, why: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    _delete(path)
     if os.path.lexists(path):
         raise DestinationError(f"{path}: {why}, and it could not be removed; delete it by hand and retry")
     log.warning("removed %s (%s)", path, why)
@@ -235,7 +244,7 @@ def _exchange(a: str, b: str) -> bool:
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: no swap here; use the two-rename path
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # no swap here: use the two-rename path
         return False
     raise OSError(err, os.strerror(err), b)
 
@@ -278,7 +287,7 @@ def atomic_directory(dst: str, force: bool = False, sources: Iterable[Optional[s
             litter = _install(tmp, dst)
     finally:
         if litter:
-            shutil.rmtree(litter, ignore_errors=True)
+            _delete(litter)
 
 
 @contextlib.contextmanager
@@ -296,5 +305,5 @@ def scratch_directory(dst: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["DestinationError", "DestinationExistsError", "atomic_directory", "check_destination", "check_overlap", "check_paths",
-           "fsync_path", "fsync_tree", "recover_leftovers", "scratch_directory"]
+__all__ = ["DestinationError", "DestinationExistsError", "atomic_directory", "check_destination", "check_overlap",
+           "check_paths", "fsync_path", "fsync_tree", "recover_leftovers", "scratch_directory"]

@@ -325,6 +325,25 @@ def test_force_replacement_leaves_new_and_no_litter(tmp_path, monkeypatch, can_e
     assert oct(os.stat(dst).st_mode & 0o777) == "0o755"
 
 
+@pytest.mark.parametrize("can_exchange", [True, False])
+@pytest.mark.parametrize("kind", ["file", "symlink to a folder"])
+def test_force_replaces_a_file_or_link_itself_not_what_it_points_to(tmp_path, monkeypatch, kind, can_exchange):
+    if not can_exchange:
+        monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep\n")
+    dst = str(tmp_path / "out")
+    if kind == "file":
+        open(dst, "w").write("a file\n")
+    else:
+        os.symlink(elsewhere, dst)
+    with atomic_directory(dst, force=True) as tmp:
+        open(os.path.join(tmp, "f.txt"), "w").write("new")
+    assert not os.path.islink(dst) and open(os.path.join(dst, "f.txt")).read() == "new"
+    assert (elsewhere / "keep.txt").read_text() == "keep\n" and _siblings(dst) == []
+
+
 def test_scratch_directory_is_removed_even_on_error(tmp_path):
     dst = str(tmp_path / "out")
     with pytest.raises(RuntimeError):

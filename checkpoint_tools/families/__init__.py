@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families import (baichuan, gemma, granite, internlm2, internlm3, llama, mistral, phi3, qwen2,
-                                       qwen3, yi)
+                                       qwen3, workbench, yi)
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     llama.FAMILY, mistral.FAMILY, yi.FAMILY, qwen2.FAMILY, qwen3.FAMILY, phi3.FAMILY, gemma.FAMILY, granite.FAMILY,
-    internlm3.FAMILY, internlm2.FAMILY, baichuan.FAMILY]}
+    internlm3.FAMILY, internlm2.FAMILY, baichuan.FAMILY, workbench.FAMILY]}
 _BY_NAME: dict[str, Family] = {n.lower(): f for f in FAMILIES.values() for n in (f.model_type, *f.aliases)}
 
 

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="where to write checkpoints (Megatron-LM layout)")
     g.add_argument("--save-interval", type=int, help="save every N steps (and at the end)")
+    g.add_argument("--exit-interval", type=int,
+                   help="stop (and save) after a step divisible by N, keeping --train-iters' schedule")
     g.add_argument("--ckpt-format", choices=mcore_checkpoint.FORMATS, default="torch",
                    help="torch: legacy mp_rank_* files; torch_dist: megatron.core.dist_checkpointing")
 
@@ -628,8 +630,8 @@ class Trainer:
         if self.rank == dist.get_world_size() - 1:
             channels = self.channel_loss.log_line(stats) if self.channel_loss.enabled else ""
             label = "lm loss" if kind == "train" else "validation lm loss"
-            print(f" iteration {step:8d}/{self.args.train_iters:8d} | {extra}{label}: {mean:.6E} | "
-                  f"{prefix}channel loss: {channels}", flush=True)
+            print(f" iteration {step:8d}/{self.args.train_iters:8d} | {label}: {mean:.6E} | "
+                  f"{prefix}channel loss: {channels} | {extra}", flush=True)
 
     def save(self) -> None:
         a = self.args
@@ -690,11 +692,13 @@ def train(trainer: Trainer) -> None:
         if it % a.log_interval == 0 or it == a.train_iters:
             stats, loss = trainer.reduce_window("train")
             elapsed = (time.time() - window_start) * 1000 / max(1, (it - 1) % a.log_interval + 1)
-            trainer.log("train", stats, loss, it, extra=f"elapsed time per iteration (ms): {elapsed:.1f} | ")
+            trainer.log("train", stats, loss, it, extra=f"elapsed time per iteration (ms): {elapsed:.1f}")
             window_start = time.time()
         if trainer.valid_rows is not None and a.eval_iters and (it % a.eval_interval == 0):
             stats, loss = trainer.evaluate(trainer.valid_rows, a.eval_iters)
             trainer.log("eval", stats, loss, it)
+        if a.exit_interval and it % a.exit_interval == 0:
+            break
         if a.save and a.save_interval and it % a.save_interval == 0 and it < a.train_iters:
             trainer.save()
     if a.save:

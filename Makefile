@@ -11,9 +11,10 @@ TP ?=
 PP ?=
 VPP ?=
 FORMAT ?=
+TOKENIZER ?=
 ARGS ?=
 
-.PHONY: install demo test convert verify bench clean
+.PHONY: install demo test convert verify bench clean preprocess
 
 .installed: setup.py Makefile
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -42,6 +43,10 @@ trans_%: install
 verify: install
 	@test -n "$(SRC)" -a -n "$(DST)" || { echo "usage: make verify SRC=<hf dir> DST=<megatron dir>"; exit 2; }
 	$(RUN) $(PYTHON) -m launch verify $(SRC) $(DST) $(ARGS)
+
+preprocess: install
+	@test -n "$(SRC)" -a -n "$(DST)" -a -n "$(TOKENIZER)" || { echo "usage: make preprocess SRC=<jsonl> DST=<output prefix> TOKENIZER=<hf tokenizer dir> [ARGS='--workers 8 ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch preprocess $(SRC) $(DST) --tokenizer $(TOKENIZER) $(ARGS)
 
 bench: install
 	$(RUN) $(PYTHON) bench/bench_convert.py $(ARGS)

@@ -210,6 +210,34 @@ def test_sigterm_stops_torchrun_workers_and_removes_partial_output(tmp_path, src
     assert not os.path.exists(dst) and _siblings(dst) == []
 
 
+def test_sigkill_during_torchrun_stops_the_workers_and_next_run_removes_the_leftovers(tmp_path, src):
+    """SIGKILL allows no cleanup, but torchrun (in its own session) is told of its parent's death and stops its
+    workers, so nothing keeps writing into the folders the next run removes."""
+    dst = str(tmp_path / "dist")
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "convert", src, dst, "--format", "torch_dist",
+                             "--no-progress"], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    tree = _wait_for(lambda: (lambda t: t if any(_is_worker(p) for p in t) else None)(_descendants(proc.pid)),
+                     proc, "torchrun's workers to start")
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.time() + 20  # torchrun stops its workers, then exits (its own shutdown)
+    while any(_running(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = [p for p in tree if _running(p)]
+    for p in orphans:
+        os.kill(p, signal.SIGKILL)
+    assert orphans == []
+    left = _siblings(dst)
+    assert any(".partial-" in n for n in left) and any(".scratch-" in n for n in left), left
+    written = [f for n in left for _, _, files in os.walk(os.path.join(str(tmp_path), n)) for f in files
+               if f.endswith(".distcp")]
+    assert written == []  # the workers were stopped, not left to finish into a folder about to be removed
+    done = recover_leftovers(dst)
+    assert len(done) == len(left) and all(f"left by pid {proc.pid}" in line for line in done)
+    assert _siblings(dst) == [] and not os.path.exists(dst)
+
+
 # ---- --force deletes the destination and nothing else ----
 
 @pytest.mark.parametrize("case", ["parent of source", "source itself", "inside source", "symlink to source",

@@ -131,3 +131,11 @@ def test_upstream_args_canonical_cannot_express_are_refused_by_name(tmp_path, fi
     with pytest.raises(ValueError, match=rf"{field}={value!r}".replace("(", r"\(").replace(")", r"\)")):
         to_hf(ckpt, str(tmp_path / "back"), "llama")
     assert not os.path.exists(tmp_path / "back")
+
+
+def test_megatron_core_built_from_upstream_args_gives_the_source_logits():
+    """Our megatron-core runtime builds the model from the `args` upstream wrote (its names: `layernorm_epsilon`,
+    enums, signal) at upstream's TP=2 PP=2 and computes the logits of the HF model the checkpoint came from."""
+    from megatron_bridge.verify import verify
+    report = verify(fixture("llama_hf"), fixture("llama_tp2pp2"), round_trip=False)
+    assert report.logits.max_abs < 1e-4 and report.logits.positions > 0, report.logits

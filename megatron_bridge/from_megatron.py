@@ -33,7 +33,10 @@ class MegatronSource(TensorSource):
                  vocab_size: Optional[int] = None):
         self.ckpt = ckpt
         args = ckpt.args
-        self.config = canonical_from_args(args, base_config)
+        try:
+            self.config = canonical_from_args(args, base_config)
+        except ValueError as e:  # name the checkpoint: the args alone do not say which one
+            raise ValueError(f"{ckpt.root}: {e}") from None
         if vocab_size is not None:
             self.config.vocab_size = vocab_size
         # Whether config.vocab_size is the tokenizer's (recorded, given, or in args) or only the stored row count.

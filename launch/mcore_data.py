@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -76,7 +77,7 @@ def check_indexed_dataset(prefix: str) -> int:
     """Open ``prefix.idx``/``prefix.bin`` and check the .bin holds every token the index points at.
 
     Returns:
-        the number of documents. Raises ``ValueError`` naming the file and the fix for missing, foreign or truncated
+        the number of sequences. Raises ``ValueError`` naming the file and the fix for missing, foreign or truncated
         files, before any training step.
     """
     from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
@@ -88,9 +89,14 @@ def check_indexed_dataset(prefix: str) -> int:
                              "`python -m launch preprocess` (or Megatron-LM's tools/preprocess_data.py)")
     with open(idx, "rb") as f:
         header = f.read(len(_INDEX_HEADER))
+        # version (8 bytes), dtype code (1), then the sequence count (8): read before megatron-core mmaps the .bin,
+        # which fails on an empty file with a message that does not say the data set is empty.
+        rest = f.read(17)
     if header != _INDEX_HEADER:
         raise ValueError(f"{idx} is not a Megatron index file (header {header!r}); rebuild it with "
                          "`python -m launch preprocess`")
+    if len(rest) == 17 and struct.unpack("<Q", rest[9:17])[0] == 0:
+        raise ValueError(f"{prefix}: the dataset holds no document; an empty data set trains nothing")
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except Exception as e:  # noqa: BLE001 - a short read of a damaged index raises anything from numpy
@@ -103,7 +109,7 @@ def check_indexed_dataset(prefix: str) -> int:
     if have < need:
         raise ValueError(f"{bin_} is truncated: the index points at {need} bytes, the file has {have}; "
                          "rebuild the .bin/.idx pair")
-    return int(ds.index.document_count) - 1 if hasattr(ds.index, "document_count") else len(lengths)
+    return len(lengths)
 
 
 class _NullTokenizer:
@@ -187,9 +193,12 @@ def _ids(value, where: str, name: str, vocab_size: Optional[int]) -> list[int]:
     return value
 
 
-def read_sft_jsonl(path: str, seq_length: int, tokenizer=None, vocab_size: Optional[int] = None,
+def read_sft_jsonl(path: str, seq_length: int, get_tokenizer=None, vocab_size: Optional[int] = None,
                    channel_field: str = "channel") -> list[Sample]:
     """Read ``path`` into shifted samples of at most ``seq_length`` predictions (longer ones are truncated).
+
+    ``get_tokenizer`` is called (once) only when a record needs one (``text`` or chat records); pre-tokenized data
+    needs none.
 
     Raises:
         ValueError: a malformed line, naming ``path:line``, or records that need a tokenizer when none is given.
@@ -199,6 +208,19 @@ def read_sft_jsonl(path: str, seq_length: int, tokenizer=None, vocab_size: Optio
     if not os.path.isfile(path):
         raise ValueError(f"--sft-data {path!r} does not exist; pass a JSONL file with one sample per line")
     samples = []
+    loaded = []
+
+    def tokenizer(where: str):
+        if not loaded:
+            try:
+                loaded.append(get_tokenizer() if get_tokenizer is not None else None)
+            except ValueError as e:
+                raise ValueError(f"{where}: this record needs a tokenizer, and {e}") from None
+        if loaded[0] is None:
+            raise ValueError(f"{where}: this record needs a tokenizer; pass --tokenizer-model DIR (a Hugging Face "
+                             "tokenizer folder) or load a checkpoint that carries one")
+        return loaded[0]
+
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -221,17 +243,11 @@ def read_sft_jsonl(path: str, seq_length: int, tokenizer=None, vocab_size: Optio
             elif "text" in record:
                 if not isinstance(record["text"], str) or not record["text"]:
                     raise ValueError(f"{where}: 'text' must be a non-empty string")
-                if tokenizer is None:
-                    raise ValueError(f"{where}: a 'text' record needs a tokenizer; pass --tokenizer-model DIR or "
-                                     "load a checkpoint that carries one")
-                ids = list(tokenizer(record["text"])["input_ids"])
+                ids = list(tokenizer(where)(record["text"])["input_ids"])
                 supervised = [True] * len(ids)
             else:
                 messages = record_to_messages(record, where)
-                if tokenizer is None:
-                    raise ValueError(f"{where}: a chat record needs a tokenizer with a chat template; pass "
-                                     "--tokenizer-model DIR or load a checkpoint that carries one")
-                tok = tokenize_conversation(tokenizer, Conversation(messages, channel, where), seq_length + 1)
+                tok = tokenize_conversation(tokenizer(where), Conversation(messages, channel, where), seq_length + 1)
                 ids, supervised = tok.input_ids, [label != IGNORE_INDEX for label in tok.labels]
             if len(ids) < 2:
                 raise ValueError(f"{where}: the sample has {len(ids)} token(s); at least 2 are needed to predict one")

@@ -227,9 +227,6 @@ def _check_layout(m: argparse.Namespace, tp: int, pp: int, vpp: int, world: int)
     from megatron_bridge.megatron_args import shape_from_args
     from megatron_bridge.param_kinds import check_tp
 
-    if world % (tp * pp):
-        _fail(f"TP={tp} x PP={pp} = {tp * pp} does not divide the world size {world}; use --nproc_per_node a multiple "
-              f"of {tp * pp} or other --tp/--pp")
     check_tp(tp, shape_from_args(m, m.padded_vocab_size), m.ffn_hidden_size)
     if m.padded_vocab_size % tp:
         _fail(f"padded vocab {m.padded_vocab_size} is not divisible by TP={tp}")
@@ -248,6 +245,7 @@ def _vpp(a: argparse.Namespace, num_layers: int, pp: int) -> int:
 
 
 def _tokenizer(a: argparse.Namespace):
+    """The tokenizer of --tokenizer-model, else the one --load carries (its hf_assets), else None."""
     from megatron_bridge import sidecar
 
     path = a.tokenizer_model or (sidecar.assets_dir(a.load) if a.load else None)
@@ -257,7 +255,11 @@ def _tokenizer(a: argparse.Namespace):
 
     from launch.sft_data import ensure_chat_template
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a folder without a tokenizer
+        raise ValueError(f"cannot load a tokenizer from {path} ({type(e).__name__}); pass --tokenizer-model DIR") \
+            from None
     ensure_chat_template(tok)
     return tok
 
@@ -268,6 +270,9 @@ def plan_run(a: argparse.Namespace) -> Plan:
     tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         _fail(f"--tp {tp} --pp {pp}: sizes must be at least 1")
+    if world % (tp * pp):
+        _fail(f"TP={tp} x PP={pp} = {tp * pp} does not divide the world size {world}; use --nproc_per_node a multiple "
+              f"of {tp * pp} or other --tp/--pp")
     if (a.sft_data is None) == (a.data_path is None):
         _fail("give exactly one data source: --data-path PREFIX... (indexed) or --sft-data FILE.jsonl")
     iteration, fmt = 0, None
@@ -332,7 +337,13 @@ def _plan_data(plan: Plan) -> None:
         if a.eval_only:
             plan.eval_samples = mcore_data.indexed_windows(prefixes, names, a.seq_length)
         return
-    tok = _tokenizer(a)
+    cache = []
+
+    def tok():
+        if not cache:
+            cache.append(_tokenizer(a))
+        return cache[0]
+
     plan.train_samples = mcore_data.read_sft_jsonl(a.sft_data, a.seq_length, tok, vocab, a.channel_field)
     if a.sft_eval_data:
         plan.eval_samples = mcore_data.read_sft_jsonl(a.sft_eval_data, a.seq_length, tok, vocab, a.channel_field)

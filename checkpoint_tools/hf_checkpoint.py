@@ -19,8 +19,8 @@ from checkpoint_tools.canonical import CanonicalConfig, TensorSource, check_tens
 from checkpoint_tools.families import get_family
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.hf_tensor_check import hf_tensor_problems
-from checkpoint_tools.safetensors_io import (DTYPE_NAMES, CheckpointError, SafetensorsDir,
-                                             ShardedSafetensorsWriter, TensorSpec, INDEX_NAME)
+from checkpoint_tools.safetensors_io import DTYPE_NAMES, CheckpointError, ShardedSafetensorsWriter, TensorSpec
+from checkpoint_tools.torch_bin_io import open_hf_weights, weight_files_found
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Files that describe the tokenizer or generation defaults: carried over verbatim wherever a checkpoint goes.
@@ -32,8 +32,9 @@ ASSET_NAMES = {
 
 
 def is_hf_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and (
-        os.path.exists(os.path.join(path, INDEX_NAME)) or os.path.exists(os.path.join(path, "model.safetensors")))
+    """config.json beside weights: safetensors, pytorch_model.bin (or their index), or any other weight file (which
+    `open_hf_weights` then names in its error)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and bool(weight_files_found(path))
 
 
 def read_hf_config(path: str) -> dict:
@@ -65,7 +66,7 @@ class HFSource(TensorSource):
         self.path = path
         self.hf_config = read_hf_config(path)
         self.family = family or get_family(self.hf_config.get("model_type", "?"))
-        self.weights = SafetensorsDir(path)
+        self.weights = open_hf_weights(path)  # safetensors, or pytorch_model.bin through the pickle trust policy
         known = {n: self.family.knows_hf_name(n) for n in self.weights.names()}
         unknown = [n for n, k in known.items() if k is None]
         if unknown:

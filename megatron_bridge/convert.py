@@ -43,7 +43,8 @@ def detect_format(path: str) -> str:
     if len(found) > 1:
         raise CheckpointError(f"{path}: holds more than one checkpoint format ({found}); separate them")
     if not found:
-        raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json + safetensors) nor a "
+        raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json + model.safetensors or "
+                              f"pytorch_model.bin, or their index) nor a "
                               f"Megatron checkpoint ({legacy_format.TRACKER})")
     return found[0]
 

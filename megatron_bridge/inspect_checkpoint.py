@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from checkpoint_tools.canonical import CanonicalConfig, expected_shapes
 from checkpoint_tools.hf_checkpoint import HFSource
+from checkpoint_tools.torch_bin_io import storage_format
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
 from megatron_bridge.convert import detect_format
 from megatron_bridge.from_megatron import detect_name_style
@@ -42,6 +43,7 @@ def inspect(path: str, allow_globals: Iterable[str] = ()) -> dict[str, Any]:
         src = HFSource(path)
         specs = [src.weights.spec(n) for n in src.weights.names()]
         out.update(family=src.family.model_type, iteration=None, tp=None, pp=None, vpp=None, name_style="hf",
+                   storage=storage_format(src.weights),
                    optimizer_state=False, config=src.config.to_dict(), parameters=_count(src.config),
                    stored_elements=sum(math.prod(s.shape) for s in specs),
                    dtypes=dict(collections.Counter(str(s.dtype).replace("torch.", "") for s in specs)))
@@ -84,7 +86,8 @@ def render(info: dict[str, Any]) -> str:
     cfg = info["config"]
     layout = "-" if info["tp"] is None else f"TP={info['tp']} PP={info['pp']} VPP={info['vpp']}"
     rows = [
-        ("format", info["format"]), ("family", info.get("family") or "-"),
+        ("format", info["format"]), *([("storage", info["storage"])] if info.get("storage") else []),
+        ("family", info.get("family") or "-"),
         ("iteration", "release" if info["iteration"] is None and info["format"] != "hf" else info["iteration"] or "-"),
         ("parallel layout", layout), ("parameter names", info["name_style"]),
         ("parameters", f"{info['parameters']:,} (unpadded vocab, tied weights once)"),

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 
 from checkpoint_tools.hf_checkpoint import asset_files, read_hf_config
-from checkpoint_tools.safetensors_io import SafetensorsDir
+from checkpoint_tools.torch_bin_io import open_hf_weights
 from megatron_bridge import legacy_format
 from megatron_bridge.mcore_launcher import run_mcore_jobs
 
@@ -50,7 +50,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def compare_hf_dirs(a: str, b: str) -> RoundTrip:
     """Compare two HF folders tensor by tensor (bitwise, streaming), config by value, assets byte by byte."""
-    ra, rb = SafetensorsDir(a), SafetensorsDir(b)
+    ra, rb = open_hf_weights(a), open_hf_weights(b)  # a source may be pytorch_model.bin
     out = RoundTrip()
     na, nb = set(ra.names()), set(rb.names())
     out.missing, out.extra = sorted(na - nb), sorted(nb - na)

@@ -97,8 +97,12 @@ def check_canonical_fits(source: TensorSource, arch: Arch) -> None:
 def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, style: str = "local",
                  iteration: Optional[int] = None, family: Optional[str] = None, hf_config: Optional[dict] = None,
                  assets_from: Optional[str] = None, copy_sidecar_from: Optional[str] = None, force: bool = False,
-                 progress: bool = True) -> str:
-    """Write `source` as a legacy Megatron checkpoint at `dst` with the parallel layout in `args`."""
+                 progress: bool = True, record_config: bool = True) -> str:
+    """Write `source` as a legacy Megatron checkpoint at `dst` with the parallel layout in `args`.
+
+    `record_config=False` writes no `workbench.json` of our own: for a source whose config is partly unknown (a
+    Megatron-LM checkpoint with no true vocab), a record would state a guess as a fact.
+    """
     if style not in NAME_STYLES:
         raise ValueError(f"name style {style!r}; use one of {NAME_STYLES}")
     cfg = source.config
@@ -126,7 +130,7 @@ def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, st
             if data is not None:
                 sidecar.write_sidecar(tmp, cfg, family=data.get("family"), hf_config=data.get("source_hf_config"),
                                       name_style=style)
-        else:
+        elif record_config:
             sidecar.write_sidecar(tmp, cfg, family=family, hf_config=hf_config, name_style=style,
                                   assets_from=assets_from)
     return dst

@@ -12,9 +12,10 @@ PP ?=
 VPP ?=
 FORMAT ?=
 TOKENIZER ?=
+NPROC ?= 1
 ARGS ?=
 
-.PHONY: install demo test convert verify bench clean preprocess
+.PHONY: install demo test convert verify bench clean preprocess train demo-train
 
 .installed: setup.py Makefile
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -47,6 +48,14 @@ verify: install
 preprocess: install
 	@test -n "$(SRC)" -a -n "$(DST)" -a -n "$(TOKENIZER)" || { echo "usage: make preprocess SRC=<jsonl> DST=<output prefix> TOKENIZER=<hf tokenizer dir> [ARGS='--workers 8 ...']"; exit 2; }
 	$(RUN) $(PYTHON) -m launch preprocess $(SRC) $(DST) --tokenizer $(TOKENIZER) $(ARGS)
+
+# Training on megatron-core with channel loss; DP = NPROC / (TP x PP). Flags are Megatron-LM's (see --help).
+train: install
+	@test -n "$(ARGS)" || { echo "usage: make train NPROC=n [TP=n PP=n] ARGS='--load CKPT --data-path W1 P1 W2 P2 --seq-length 1024 --micro-batch-size 1 --global-batch-size 8 --train-iters 100 --tensorboard-dir tb --save out'"; exit 2; }
+	$(RUN) $(PYTHON) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m launch.pretrain_gpt $(if $(TP),--tp $(TP)) $(if $(PP),--pp $(PP)) $(ARGS)
+
+demo-train: install
+	$(RUN) $(PYTHON) -m launch demo-train $(ARGS)
 
 bench: install
 	$(RUN) $(PYTHON) bench/bench_convert.py $(ARGS)

@@ -162,7 +162,12 @@ def preprocess(opts: Options, prefix: str, workers: int = 1, dtype: str = "auto"
     if existing and not force:
         raise FileExistsError(f"{prefix}: outputs exist ({', '.join(existing[:4])}); pass --force to replace them "
                               "or choose another output prefix")
-    tok = AutoTokenizer.from_pretrained(opts.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(opts.tokenizer)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:160]  # one line: transformers' messages span several
+        raise ValueError(f"tokenizer {opts.tokenizer} cannot be loaded ({type(e).__name__}: {reason}); pass "
+                         "--tokenizer DIR, a folder with a Hugging Face tokenizer (tokenizer.json)") from None
     if opts.append_eod and tok.eos_token_id is None:
         raise ValueError(f"tokenizer {opts.tokenizer} has no eos_token to append as EOD; set one in its "
                          "tokenizer_config.json or pass --no-append-eod")

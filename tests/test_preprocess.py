@@ -251,5 +251,8 @@ def test_missing_input_and_bad_default_channel(tmp_path, tok_dir):
     with pytest.raises(ValueError, match="is not a file"):
         preprocess(Options(path=str(tmp_path / "nope.jsonl"), tokenizer=tok_dir), str(tmp_path / "d"))
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "the cat"}])
+    (tmp_path / "not_a_tokenizer").mkdir()
+    with pytest.raises(ValueError, match="not_a_tokenizer cannot be loaded .*pass --tokenizer DIR"):
+        preprocess(Options(path=src, tokenizer=str(tmp_path / "not_a_tokenizer")), str(tmp_path / "d"))
     with pytest.raises(ValueError, match="--default-channel 'a b'"):
         preprocess(Options(path=src, tokenizer=tok_dir, default_channel="a b"), str(tmp_path / "d"))

@@ -211,14 +211,12 @@ def _has_optimizer_state(root: str, allow_globals: Iterable[str]) -> bool:
 
 
 def _load_torch_dist(root, models, optimizer, scheduler, load_optim, load_rng, allow_globals) -> bool:
-    from megatron.core import dist_checkpointing
-
     with_optim = load_optim and _has_optimizer_state(root, allow_globals)
     template = _sharded_state(models, optimizer if with_optim else None, is_loading=True)
     if with_optim and load_rng:
         template["rng_state"] = _rng_sharded(True)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = dist_checkpointing.load(template, torch_dist_format.iteration_dir(root))
+    # dist_load vets .metadata, common.pt and every byte object under the policy before megatron-core reads them.
+    state = torch_dist_format.dist_load(template, root, trust_policy(allow_globals))
     for v, m in enumerate(models):
         m.load_state_dict(state[_model_key(models, v)], strict=True)
     if not with_optim:

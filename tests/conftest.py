@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -44,3 +45,27 @@ def tiny_llama(tmp_path):
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
+
+
+# Warnings a command-line test accepts on stderr, each with the reason it is expected. A user runs the commands
+# with no warning filters, so the tests do too (`cli_env`); any other line that mentions a warning (a Python
+# `...Warning:` or a logged `WARNING`) is first-use noise a user would see, and fails the test.
+EXPECTED_CLI_WARNINGS: tuple[str, ...] = (
+    # none today: `inspect`, `convert` and `verify` print no warning on these tiny checkpoints
+)
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment a user runs the command line in: ours, minus any warning filter the test runner has."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(extra)
+    return env
+
+
+def assert_no_unexpected_warnings(stderr: str, expected: tuple[str, ...] = ()) -> None:
+    """Fail listing every stderr line that mentions a warning and matches no pattern (regex) of
+    EXPECTED_CLI_WARNINGS or `expected` (the warnings a test provokes on purpose, with a comment saying why)."""
+    allowed = [re.compile(p) for p in (*EXPECTED_CLI_WARNINGS, *expected)]
+    unexpected = [line for line in stderr.splitlines()
+                  if re.search(r"warning", line, re.IGNORECASE) and not any(p.search(line) for p in allowed)]
+    assert not unexpected, "unexpected warnings on stderr:\n" + "\n".join(unexpected)

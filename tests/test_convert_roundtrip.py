@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_llama
+from conftest import ROOT, assert_no_unexpected_warnings, cli_env, make_llama
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, convert, hf_to_megatron, megatron_to_hf
 from megatron_bridge.verify import compare_hf_dirs
@@ -105,16 +105,33 @@ def test_make_convert_and_cli(tmp_path):
     """The README's command: make convert SRC=.. DST=.. TP=.. PP=.. and back."""
     hf = make_llama(str(tmp_path / "hf"))
     mg, back = str(tmp_path / "mg"), str(tmp_path / "back")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = cli_env()  # as a user runs it: no warning filters
     r = subprocess.run(["make", "-s", "-C", ROOT, "convert", f"SRC={hf}", f"DST={mg}", "TP=2", "PP=2",
                         "ARGS=--no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "hf -> megatron" in r.stdout
+    assert_no_unexpected_warnings(r.stderr)
     r = subprocess.run([sys.executable, "-m", "launch", "convert", mg, back], cwd=ROOT, capture_output=True,
                        text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert_no_unexpected_warnings(r.stderr)
     assert compare_hf_dirs(hf, back).ok
+    r = subprocess.run([sys.executable, "-m", "launch", "inspect", mg], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0 and "megatron_legacy" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert_no_unexpected_warnings(r.stderr)
     r = subprocess.run([sys.executable, "-m", "launch", "convert", mg, back], cwd=ROOT, capture_output=True,
                        text=True, env=env)
     assert r.returncode == 2 and "exists; pass --force" in r.stderr
+
+
+def test_warning_check_flags_what_a_user_would_see():
+    """The stderr check the CLI tests use: Python warnings and logged WARNING lines fail it unless listed."""
+    clean = "writing mg: 100%|##########| 4/4 [00:00<00:00, 40.1rank/s]\n"
+    assert_no_unexpected_warnings(clean)
+    for noisy in ("/x/site-packages/megatron/core/utils.py:12: UserWarning: Transformer Engine is not installed",
+                  "WARNING records no true vocab size; exporting all 256 padded rows"):
+        with pytest.raises(AssertionError, match="unexpected warnings on stderr"):
+            assert_no_unexpected_warnings(clean + noisy + "\n")
+    assert_no_unexpected_warnings(noisy, expected=(r"records no true vocab size",))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import transformers
 
 from _remote_code_reference import internlm2_qkv, reference_logits, write_checkpoint
-from conftest import ROOT
+from conftest import ROOT, assert_no_unexpected_warnings, cli_env
 from checkpoint_tools.family_convert import convert_family
 from checkpoint_tools.hf_checkpoint import HFSource
 from checkpoint_tools.safetensors_io import SafetensorsDir
@@ -420,16 +420,18 @@ def test_unknown_model_type_lists_the_supported(zoo, tmp_path):
 # ---- the command line: make convert TO=..., python -m launch trans_X_to_Y ----
 
 def test_make_convert_to_family_and_alias(zoo, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = cli_env()  # as a user runs it: no warning filters
     llama = str(tmp_path / "llama")
     r = subprocess.run(["make", "-s", "-C", ROOT, "convert", f"SRC={zoo['qwen2']['src']}", f"DST={llama}",
                         "TO=llama", "ARGS=--no-progress"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"hf -> llama: wrote {llama}"), r.stdout
+    assert_no_unexpected_warnings(r.stderr)
     back = str(tmp_path / "back")
     r = subprocess.run([sys.executable, "-m", "launch", "trans_llama_to_qwen", llama, back, "--no-progress"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert_no_unexpected_warnings(r.stderr)
     assert_back("qwen2", zoo["qwen2"]["src"], back)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_llama
+from conftest import ROOT, cli_env, make_llama
 from checkpoint_tools.pickle_trust import (DEFAULT_POLICY, TrustPolicy, load_pickle_bytes, load_torch_file,
                                            parse_global, scan_pickle, trust_policy)
 from checkpoint_tools.errors import CheckpointError
@@ -280,7 +280,7 @@ def test_nested_pickle_in_bytesio_stays_bytes(ckpts, tmp_path, marker):
 # The command line: exit code 2, one line naming the file and the global, no output, no marker.
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = cli_env(OMP_NUM_THREADS="1")  # as a user runs it: no warning filters
     return subprocess.run([sys.executable, "-m", "launch", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 

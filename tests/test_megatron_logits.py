@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_llama
+from conftest import ROOT, assert_no_unexpected_warnings, cli_env, make_llama
 from megatron_bridge.convert import ConvertOptions, hf_to_megatron, megatron_to_hf
 from megatron_bridge.mcore_launcher import run_mcore_jobs
 from megatron_bridge.verify import compare_hf_dirs, compare_logits, hf_logits, probe_tokens
@@ -79,11 +79,12 @@ def test_verify_command_passes_then_fails_on_a_corrupted_weight(results, tmp_pat
     """`verify` prints its table, exits 0 on a faithful conversion and 1 when one weight is off."""
     import shutil
     r = results["tp2_tied"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = cli_env()  # as a user runs it: no warning filters
     ok = subprocess.run([sys.executable, "-m", "launch", "verify", r["hf"], r["mg"]], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stdout + ok.stderr[-3000:]
     assert "argmax agreement" in ok.stdout and "verdict" in ok.stdout and "PASS" in ok.stdout
+    assert_no_unexpected_warnings(ok.stderr)
     bad = str(tmp_path / "bad")
     shutil.copytree(r["mg"], bad)
     path = os.path.join(bad, "release", "mp_rank_01", "model_optim_rng.pt")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_llama
+from conftest import ROOT, assert_no_unexpected_warnings, cli_env, make_llama
 from checkpoint_tools.errors import CheckpointError
 from megatron_bridge import legacy_format
 from megatron_bridge.convert import ConvertOptions, convert, detect_format
@@ -95,8 +95,9 @@ def test_inspect_every_format(ckpts):
         assert info["optimizer_state"] is False and info["bytes_on_disk"] > 0
     assert inspect(leg)["name_style"] == "te"
     r = subprocess.run([sys.executable, "-m", "launch", "inspect", ckpts["td"], "--json"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                       capture_output=True, text=True, env=cli_env())
     assert r.returncode == 0, r.stderr[-2000:]
+    assert_no_unexpected_warnings(r.stderr)
     data = json.loads(r.stdout)
     assert data["tp"] == 2 and data["pp"] == 1 and data["parameters"] == hf_params
 

@@ -88,11 +88,13 @@ def interrupts_deferred() -> Iterator[None]:
 def _die_with(parent: int):
     """For the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux), so a killed
     conversion's torchrun stops its workers instead of leaving them writing into a folder the next run removes."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child must not dlopen
+    except (OSError, AttributeError):
+        return None
+
     def arm() -> None:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            return
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
     return arm

@@ -140,3 +140,44 @@ def test_megatron_core_built_from_upstream_args_gives_the_source_logits():
     from megatron_bridge.verify import verify
     report = verify(fixture("llama_hf"), fixture("llama_tp2pp2"), round_trip=False)
     assert report.logits.max_abs < 1e-4 and report.logits.positions > 0, report.logits
+
+
+def _args(ckpt_dir: str):
+    return open_legacy(ckpt_dir).args
+
+
+def test_resharding_a_checkpoint_without_true_vocab_never_records_the_padded_size(tmp_path):
+    """qwen2_trained records no true vocab (padded 256 at TP=1). Resharded to TP=2 the padded size stays 256: the
+    output keeps the vocab unrecorded (no args.vocab_size, no record of ours) and converts back exactly as the
+    source does. Where Megatron-LM's padding rule would need the true vocab, resharding is refused until it is
+    given, and then honours --make-vocab-size-divisible-by."""
+    src = fixture("qwen2_trained")
+    tp2 = str(tmp_path / "tp2")
+    convert(src, tp2, ConvertOptions(tp=2, pp=1, progress=False))
+    a = _args(tp2)
+    assert (a.tensor_model_parallel_size, a.padded_vocab_size, a.vocab_size) == (2, 256, None)
+    assert a.exit_signal == _args(src).exit_signal  # the source run's args travel on
+    assert not os.path.exists(os.path.join(tp2, "workbench.json"))
+    one, two = (to_hf(d, str(tmp_path / f"hf_{i}"), "qwen2", vocab_size=200) for i, d in enumerate((src, tp2)))
+    rt = compare_hf_dirs(one, two)
+    assert rt.tensors_equal == rt.tensors_total > 0 and rt.config_equal
+
+    with pytest.raises(ValueError, match=r"records no true vocab size.*Pass --vocab-size"):
+        convert(src, str(tmp_path / "div96"), ConvertOptions(tp=2, make_vocab_size_divisible_by=96, progress=False))
+    assert not os.path.exists(tmp_path / "div96")
+    div96 = str(tmp_path / "div96")
+    convert(src, div96, ConvertOptions(tp=2, make_vocab_size_divisible_by=96, vocab_size=200, progress=False))
+    a = _args(div96)
+    assert (a.padded_vocab_size, a.make_vocab_size_divisible_by, a.vocab_size) == (384, 96, 200)
+    rt = compare_hf_dirs(one, to_hf(div96, str(tmp_path / "hf_div96"), "qwen2"))
+    assert rt.tensors_equal == rt.tensors_total > 0
+
+
+def test_upstream_torch_dist_checkpoint_with_optimizer_state(tmp_path):
+    """qwen2_dist: the same training step saved in Megatron-LM's default format (torch_dist, optimizer included).
+    Read through megatron-core's dist_checkpointing, it gives the same tensors as the legacy save of that step
+    (upstream logged the same validation loss, 5.530757, on both)."""
+    dist = to_hf(fixture("qwen2_dist"), str(tmp_path / "dist"), "qwen2", vocab_size=200)
+    legacy = to_hf(fixture("qwen2_trained"), str(tmp_path / "legacy"), "qwen2", vocab_size=200)
+    rt = compare_hf_dirs(legacy, dist)
+    assert rt.tensors_equal == rt.tensors_total > 0 and not rt.missing and not rt.extra and rt.config_equal

@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sft-eval-data", help="SFT JSONL evaluated every --eval-interval")
     g.add_argument("--packing", action="store_true", help="SFT: several samples per sequence, attention kept apart")
     g.add_argument("--tokenizer-model", help="tokenizer folder for text/chat SFT records (default: --load's)")
-    g.add_argument("--channel-names", help="comma-separated: names of the --data-path components (in order), or "
-                                          "the declared channel set of --sft-data")
+    g.add_argument("--channel-names", nargs="+", help="names of the --data-path components, in order (space or "
+                                                      "comma separated), or the declared channel set of --sft-data")
     g.add_argument("--channel-field", default="channel", help="the JSONL field that names a sample's channel")
     g.add_argument("--no-channel-loss", action="store_true", help="turn the per-channel accounting off")
 
@@ -313,9 +313,9 @@ def plan_run(a: argparse.Namespace) -> Plan:
 def _declared(a: argparse.Namespace) -> Optional[list[str]]:
     if not a.channel_names:
         return None
-    names = [n.strip() for n in a.channel_names.split(",")]
+    names = [n.strip() for item in a.channel_names for n in item.split(",")]
     if not all(names) or len(set(names)) != len(names):
-        _fail(f"--channel-names {a.channel_names!r}: names must be non-empty and distinct")
+        _fail(f"--channel-names {' '.join(a.channel_names)!r}: names must be non-empty and distinct")
     return names
 
 
@@ -537,16 +537,20 @@ class Trainer:
                 self.train_rows = mcore_data.BlendRows(train, plan.component_channels)
             if valid is not None:
                 self.valid_rows = mcore_data.BlendRows(valid, plan.component_channels)
-            rows = torch.tensor([len(self.train_rows) if self.train_rows is not None else 0])
-            dist.all_reduce(rows, op=dist.ReduceOp.MAX)
-            if int(rows) == 0:
-                raise ValueError(f"--data-path {a.data_path} with --split {a.split} leaves no training sequence of "
-                                 f"{a.seq_length + 1} tokens; add data or change --split")
-            return
-        if plan.train_samples is not None and not a.eval_only:
-            self.train_rows = mcore_data.SampleRows(plan.train_samples, plan.channels, a.seq_length, self.packing)
-        if plan.eval_samples is not None:
-            self.valid_rows = mcore_data.SampleRows(plan.eval_samples, plan.channels, a.seq_length, self.packing)
+        else:
+            if plan.train_samples is not None and not a.eval_only:
+                self.train_rows = mcore_data.SampleRows(plan.train_samples, plan.channels, a.seq_length,
+                                                        self.packing)
+            if plan.eval_samples is not None:
+                self.valid_rows = mcore_data.SampleRows(plan.eval_samples, plan.channels, a.seq_length, self.packing)
+        # megatron-core builds datasets on the reading ranks only; every rank must agree on the row counts, since
+        # they decide whether (and how long) the collective schedule runs.
+        counts = torch.tensor([len(r) if r is not None else 0 for r in (self.train_rows, self.valid_rows)])
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        self.train_count, self.valid_count = (int(c) for c in counts)
+        if not a.eval_only and self.train_count == 0:
+            raise ValueError(f"the training data leaves no sequence of {a.seq_length + 1} tokens (--split {a.split}); "
+                             "add data or change --split")
 
     # ------------------------------------------------------------------ steps
     def _forward_step(self, kind: str):
@@ -616,8 +620,13 @@ class Trainer:
     def evaluate(self, rows, iterations: Optional[int]) -> tuple:
         """Forward-only over ``iterations`` global batches of ``rows`` (None: every row exactly once, padded)."""
         once = iterations is None
-        steps = mcore_data.steps_for_once(len(rows), self.gbs) if once else iterations
-        iterator = self._iterators(rows, 0, once)
+        steps = mcore_data.steps_for_once(self.valid_count, self.gbs) if once else iterations
+        if once:
+            iterator = self._iterators(rows, 0, once=True)
+        else:  # like Megatron-LM, successive evaluations continue through the validation data
+            if getattr(self, "_valid_iterator", None) is None:
+                self._valid_iterator = self._iterators(rows, 0)
+            iterator = self._valid_iterator
         for chunk in self.model:
             chunk.eval()
         total = torch.zeros(2, dtype=torch.float64)
@@ -705,7 +714,7 @@ def train(trainer: Trainer) -> None:
             elapsed = (time.time() - window_start) * 1000 / max(1, (it - 1) % a.log_interval + 1)
             trainer.log("train", stats, loss, it, extra=f"elapsed time per iteration (ms): {elapsed:.1f}")
             window_start = time.time()
-        if trainer.valid_rows is not None and a.eval_iters and (it % a.eval_interval == 0):
+        if trainer.valid_count and a.eval_iters and (it % a.eval_interval == 0):
             stats, loss = trainer.evaluate(trainer.valid_rows, a.eval_iters)
             trainer.log("eval", stats, loss, it)
         if a.exit_interval and it % a.exit_interval == 0:

@@ -240,3 +240,21 @@ def test_resume_continues_the_exact_run_and_converts_back(corpus, tmp_path):
     start = LlamaForCausalLM.from_pretrained(corpus["hf"])
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
     assert "lm loss" in whole
+
+
+def test_plot_renders_the_run(layouts, tmp_path):
+    """`python -m launch plot` draws one curve per channel with the logged values, train and eval."""
+    from launch.cli import main
+    from launch.plot_channel_loss import render
+
+    tb = str(layouts["tp1"]["dir"] / "tb")
+    out = str(tmp_path / "curves.png")
+    assert main(["plot", tb, "--out", out]) == 0 and os.path.getsize(out) > 10_000
+    scalars = read_scalars(tb)
+    train_ax, eval_ax = render(tb, out).axes
+    for ax, prefix in ((train_ax, "channel_loss/"), (eval_ax, "eval_channel_loss/")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert sorted(lines) == sorted(CHANNEL_RANGES)
+        for name, line in lines.items():
+            series = scalars[prefix + name]
+            assert list(line.get_ydata()) == pytest.approx([series[s] for s in sorted(series)], rel=1e-6)

@@ -7,6 +7,8 @@
     inspect   format, layout, names, architecture, parameter count, dtypes, size, optimizer state
     demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
     plot      TensorBoard channel-loss curves of a run -> PNG
+    pretrain_gpt  train on megatron-core with channel loss (run under torchrun for TP/PP/DP; --help)
+    demo-train  SmolLM2 -> Megatron -> a few channel-loss steps on megatron-core -> PNG -> back -> one answer
     preprocess  JSONL (text, channel) -> one Megatron indexed dataset per channel + the --data-path blend
 """
 from __future__ import annotations
@@ -92,6 +94,14 @@ def add_allow_global(p: argparse.ArgumentParser) -> None:
                         "default: the built-in allow-list only")
 
 
+def cmd_demo_train(a: argparse.Namespace) -> int:
+    """Convert SmolLM2-135M-Instruct to Megatron, train a few steps with channel loss on megatron-core (torchrun,
+    gloo), write the channel curves to TensorBoard and a PNG, convert back and print one greedy answer."""
+    from launch.demo_train import run_demo_train
+
+    return run_demo_train(work_dir=a.work_dir, tp=a.tp, pp=a.pp, steps=a.steps, lr=a.lr, prompt=a.prompt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands `plot ...` to launch.plot_channel_loss, whose parser owns its options.
     sub.add_parser("plot", help="channel-loss curves of a run to PNG (python -m launch plot --help)")
+    sub.add_parser("pretrain_gpt", help="train on megatron-core with channel loss (python -m launch pretrain_gpt "
+                                        "--help; torchrun -m launch.pretrain_gpt for TP/PP/DP)")
+    t = sub.add_parser("demo-train", help="SmolLM2 trained with channel loss on megatron-core, and back",
+                       description=cmd_demo_train.__doc__)
+    t.add_argument("--work-dir", default="work_dirs/demo_train", help="where the demo writes its files")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    t.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (30 layers: 1, 2, 3, 5, ...)")
+    t.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    t.add_argument("--prompt", default="What is the capital of France?", help="the question answered at the end")
+    t.set_defaults(func=cmd_demo_train)
     sub.add_parser("preprocess", help="JSONL -> indexed datasets per channel (python -m launch preprocess --help)")
     return p
 
@@ -180,6 +201,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["plot"]:  # its own parser owns every option, --help included
         from launch import plot_channel_loss
         return plot_channel_loss.main(argv[1:]) or 0
+    if argv[:1] == ["pretrain_gpt"]:  # launch.pretrain_gpt owns its (Megatron-LM spelled) options
+        from launch import pretrain_gpt
+        return pretrain_gpt.main(argv[1:])
     if argv[:1] == ["preprocess"]:  # likewise: launch.preprocess owns its options
         from launch import preprocess
         return preprocess.main(argv[1:])

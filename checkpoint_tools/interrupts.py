@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import signal
 import subprocess
 import threading
-from typing import Iterator, Optional
+import time
+from typing import Callable, Iterator, Optional
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -101,17 +103,22 @@ def _die_with(parent: int):
 
 
 def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[float] = None,
-              grace: float = 60.0) -> subprocess.CompletedProcess:
+              grace: float = 60.0, on_stderr_line: Optional[Callable[[str], None]] = None
+              ) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` that, on an interrupt (Ctrl-C, SIGTERM, timeout), asks
     the child to stop with SIGTERM and waits up to `grace` seconds before SIGKILL. subprocess.run would SIGKILL it
     at once, and a SIGKILLed torchrun cannot stop its workers, which run on in their own sessions.
 
     The child runs in its own session, so a Ctrl-C in the terminal reaches only us and it is stopped once, in order.
+    `on_stderr_line`, when given, sees each stderr line as it arrives (progress), and the line is still captured.
     """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_die_with(os.getpid()))
     try:
-        out, err = proc.communicate(timeout=timeout)
+        if on_stderr_line is None:
+            out, err = proc.communicate(timeout=timeout)
+        else:
+            out, err = _stream(proc, on_stderr_line, timeout)
     except BaseException:
         proc.terminate()
         try:
@@ -121,3 +128,40 @@ def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[floa
             proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stream(proc: subprocess.Popen, on_line: Callable[[str], None], timeout: Optional[float]) -> tuple[str, str]:
+    """Read both pipes to the end (a thread each, so neither can fill up and block the child), handing stderr lines
+    to `on_line` from the calling thread as they come."""
+    lines: queue.Queue = queue.Queue()
+    out_parts: list[str] = []
+
+    def pump_stdout():
+        out_parts.append(proc.stdout.read())
+
+    def pump_stderr():
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threads = [threading.Thread(target=pump_stdout, daemon=True), threading.Thread(target=pump_stderr, daemon=True)]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    err_parts: list[str] = []
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        try:
+            line = lines.get(timeout=left if left is not None else None)
+        except queue.Empty:
+            raise subprocess.TimeoutExpired(proc.args, timeout) from None
+        if line is None:
+            break
+        err_parts.append(line)
+        on_line(line.rstrip("\n"))
+    for t in threads:
+        t.join()
+    proc.wait()
+    return "".join(out_parts), "".join(err_parts)

@@ -7,16 +7,20 @@
     inspect   format, layout, names, architecture, parameter count, dtypes, size, optimizer state
     demo      SmolLM2-135M-Instruct end to end: HF -> Megatron TP=3 PP=2 -> generate in both -> back, bit-exact
     plot      TensorBoard channel-loss curves of a run -> PNG
+    preprocess  JSONL (text, channel) -> one Megatron indexed dataset per channel + the --data-path blend
+    infer     K model replicas over the devices push a JSONL through, resumable, ordered output (--help)
+    infer-merge  join many nodes' inference part files into one ordered output
     pretrain_gpt  train on megatron-core with channel loss (run under torchrun for TP/PP/DP; --help)
     demo-train  SmolLM2 -> Megatron -> a few channel-loss steps on megatron-core -> PNG -> back -> one answer
-    preprocess  JSONL (text, channel) -> one Megatron indexed dataset per channel + the --data-path blend
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import re
 import sys
+import zipfile
 
 from checkpoint_tools.interrupts import Terminated, termination_as_exception
 
@@ -33,18 +37,24 @@ def parse_size(text: str) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     """Convert a checkpoint. A Hugging Face source becomes a Megatron checkpoint at TP x PP (x VPP), or with
     --to <family> a Hugging Face checkpoint of that family; a Megatron source becomes a Hugging Face checkpoint
-    (of its recorded family, or --to <family>) when --tp/--pp are not given, or is resharded when they are.
+    (of its recorded family, or --to <family>) when no Megatron layout flag is given (--tp, --pp, --vpp, --names,
+    --make-vocab-size-divisible-by, --format), and is resharded when one is; unset layout flags keep the
+    source's values. A flag that does not apply to the direction is refused. --dry-run prints the plan.
     Aliases: trans_<src>_to_<dst> SRC DST (e.g. trans_qwen_to_llama) check the source and set --to."""
     from checkpoint_tools.atomic_dir import check_paths
-    from megatron_bridge.convert import ConvertOptions, convert
+    from megatron_bridge.convert import ConvertOptions, make_plan, run_plan
 
     opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names, format=a.format,
                           make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
                           tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
                           force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
     check_paths(a.dst, sources=(a.src, a.tokenizer))  # before anything: --force must never delete a source
-    what, dst = convert(a.src, a.dst, opts, to=a.to, source=a.source)
-    print(f"{what}: wrote {dst}")
+    plan = make_plan(a.src, opts, to=a.to, source=a.source)
+    if a.dry_run:
+        print(plan.describe())
+        return 0
+    dst = run_plan(plan, a.src, a.dst, opts)
+    print(f"{plan.summary}: wrote {dst}")
     return 0
 
 
@@ -53,7 +63,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from megatron_bridge.verify import verify
 
     report = verify(a.hf, a.megatron, tolerance=a.tolerance, seq_len=a.seq_len, batch=a.batch,
-                    round_trip=not a.no_round_trip, logits=not a.no_logits, allow_globals=a.allow_global)
+                    round_trip=not a.no_round_trip, logits=not a.no_logits, allow_globals=a.allow_global,
+                    progress=not a.no_progress)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -113,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="destination folder (must not exist unless --force)")
     c.add_argument("--tp", type=int, help="tensor-parallel size of the Megatron output")
     c.add_argument("--pp", type=int, help="pipeline-parallel size of the Megatron output")
-    c.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank (default 1)")
+    c.add_argument("--vpp", type=int,
+                   help="virtual pipeline stages per pipeline rank (default: the source's, or 1 from Hugging Face)")
     c.add_argument("--to", help="the target: 'megatron' or a family (llama, mistral, qwen2, qwen3, phi3, gemma, "
                                 "granite, internlm2, internlm3, baichuan, Yi; aliases such as qwen, baichuan2)")
     c.add_argument("--from", dest="source", metavar="FAMILY",
@@ -121,17 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["legacy", "torch_dist"],
                    help="Megatron output format: legacy mp_rank_* pickles or torch_dist (dist_checkpointing); "
                         "default legacy from Hugging Face, else the source's format")
-    c.add_argument("--names", choices=["local", "te"], default="local",
+    c.add_argument("--names", choices=["local", "te"],
                    help="Megatron parameter names: local spec or Transformer Engine (default local)")
-    c.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="Megatron-LM pads the vocab to a multiple of this times TP (default 128)")
+    c.add_argument("--make-vocab-size-divisible-by", type=int,
+                   help="Megatron-LM pads the vocab to a multiple of this times TP (default: the source's, or 128)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
     c.add_argument("--tokenizer", help="folder whose tokenizer files to carry over (default: the source's)")
     c.add_argument("--vocab-size", type=int,
                    help="true vocab size for a Megatron source that does not record it (rows beyond are padding)")
-    c.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"),
+    c.add_argument("--max-shard-size", type=parse_size,
                    help="largest safetensors shard for HF output (default 2GB)")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
+    c.add_argument("--dry-run", action="store_true", help="print the plan (its steps and options) and stop")
     c.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     add_allow_global(c)
     c.set_defaults(func=cmd_convert)
@@ -144,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch", type=int, default=2, help="probe batch size")
     v.add_argument("--no-round-trip", action="store_true", help="skip the Megatron -> HF bit-exact check")
     v.add_argument("--no-logits", action="store_true", help="skip the megatron-core logits check")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_allow_global(v)
     v.set_defaults(func=cmd_verify)
 
@@ -163,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands `plot ...` to launch.plot_channel_loss, whose parser owns its options.
     sub.add_parser("plot", help="channel-loss curves of a run to PNG (python -m launch plot --help)")
+    sub.add_parser("preprocess", help="JSONL -> indexed datasets per channel (python -m launch preprocess --help)")
+    sub.add_parser("infer", help="multi-replica inference over a JSONL (python -m launch infer --help)")
+    sub.add_parser("infer-merge", help="join many nodes' inference parts (python -m launch infer-merge --help)")
     sub.add_parser("pretrain_gpt", help="train on megatron-core with channel loss (python -m launch pretrain_gpt "
                                         "--help; torchrun -m launch.pretrain_gpt for TP/PP/DP)")
     t = sub.add_parser("demo-train", help="SmolLM2 trained with channel loss on megatron-core, and back",
@@ -174,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     t.add_argument("--prompt", default="What is the capital of France?", help="the question answered at the end")
     t.set_defaults(func=cmd_demo_train)
-    sub.add_parser("preprocess", help="JSONL -> indexed datasets per channel (python -m launch preprocess --help)")
     return p
 
 
@@ -191,6 +207,17 @@ def expand_alias(argv: list[str]) -> list[str]:
     return [*argv[:i], "convert", *argv[i + 1:], "--from", pair[0], "--to", pair[1]]
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message; a worker failure keeps its last meaningful line (the cause)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return "(no message)"
+    if len(lines) == 1:
+        return lines[0]
+    cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1])
+    return f"{lines[0]} ... {cause}"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -201,12 +228,15 @@ def main(argv=None) -> int:
     if argv[:1] == ["plot"]:  # its own parser owns every option, --help included
         from launch import plot_channel_loss
         return plot_channel_loss.main(argv[1:]) or 0
-    if argv[:1] == ["pretrain_gpt"]:  # launch.pretrain_gpt owns its (Megatron-LM spelled) options
-        from launch import pretrain_gpt
-        return pretrain_gpt.main(argv[1:])
     if argv[:1] == ["preprocess"]:  # likewise: launch.preprocess owns its options
         from launch import preprocess
         return preprocess.main(argv[1:])
+    if argv[:1] == ["pretrain_gpt"]:  # launch.pretrain_gpt owns its (Megatron-LM spelled) options
+        from launch import pretrain_gpt
+        return pretrain_gpt.main(argv[1:])
+    if argv[:1] in (["infer"], ["infer-merge"]):  # launch.multi_infer owns these options
+        from launch import multi_infer
+        return (multi_infer.main if argv[0] == "infer" else multi_infer.merge_main)(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # SIGTERM (a scheduler's time limit) and SIGHUP unwind like Ctrl-C, so partial output is removed on the way out.
@@ -214,6 +244,8 @@ def main(argv=None) -> int:
         try:
             return args.func(args)
         except (ValueError, FileExistsError) as e:  # bad input: one clear line, no traceback
+            if args.verbose:
+                raise
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -222,6 +254,13 @@ def main(argv=None) -> int:
         except Terminated as e:
             print(f"error: {e}; partial output removed", file=sys.stderr)
             return e.exit_code
+        except (RuntimeError, OSError, EOFError, KeyError, IndexError, TypeError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:
+            # A damaged file or a failing worker: one line naming what failed; the traceback only with -v.
+            if args.verbose:
+                raise
+            print(f"error: {type(e).__name__}: {_one_line(e)} (run with -v for the traceback)", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

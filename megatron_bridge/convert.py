@@ -123,7 +123,8 @@ def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
     with atomic_directory(dst, force=opts.force) as tmp:
         out_dir = os.path.join(tmp, legacy_format.iteration_dir_name(ckpt.iteration))
         run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_torch_dist", "out_dir": out_dir,
-                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp, policy=opts.allow_globals)
+                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp, policy=opts.allow_globals,
+                       progress=opts.progress, desc="torch_dist save")
         legacy_format.write_tracker(tmp, ckpt.iteration)
         sidecar.copy_sidecar(src, tmp)
     return dst
@@ -139,7 +140,8 @@ def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
     iteration = legacy_format.read_tracker(src)
     with atomic_directory(dst, force=opts.force) as tmp:
         run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_legacy", "tp": tp, "pp": pp, "vpp": vpp,
-                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp, policy=opts.allow_globals)
+                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp, policy=opts.allow_globals,
+                       progress=opts.progress, desc="torch_dist load")
         legacy_format.write_tracker(tmp, iteration)
         sidecar.copy_sidecar(src, tmp)
     return dst

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from checkpoint_tools.pickle_trust import PolicyLike, TrustPolicy
 from megatron_bridge import cpu_runtime, legacy_format, torch_dist_format
 from megatron_bridge.legacy_format import load_rank, payload_models
+from megatron_bridge.mcore_launcher import PROGRESS_PREFIX
 from megatron_bridge.model_builder import build_models, load_weights
 from megatron_bridge.megatron_args import parallel_sizes
 
@@ -171,6 +172,12 @@ def save_legacy_rank(models: list, args, iteration, out_root: str) -> None:
                             legacy_format.rank_payload(args, iteration, sds))
 
 
+def report(message: str) -> None:
+    """One progress line on stderr from global rank 0; the launcher turns these into its progress bar."""
+    if dist.get_rank() == 0:
+        print(PROGRESS_PREFIX + message, file=sys.stderr, flush=True)
+
+
 def run_job(job: dict) -> None:
     from megatron.core import parallel_state as ps
 
@@ -178,13 +185,16 @@ def run_job(job: dict) -> None:
     for m in models:
         m.eval()
     task = job["task"]
+    report(f"{os.path.basename(job['checkpoint'].rstrip('/'))} loaded into megatron-core")
     if task == "to_torch_dist":
         save_torch_dist(models, args, job.get("iteration"), job["out_dir"])
         dist.barrier()
+        report("torch_dist saved")
         return
     if task == "to_legacy":
         save_legacy_rank(models, args, job.get("iteration"), job["out_root"])
         dist.barrier()
+        report("legacy rank files saved")
         return
     vocab = job.get("vocab_size") or getattr(args, "vocab_size", None) or args.padded_vocab_size
     tokens = torch.tensor(job["tokens"], dtype=torch.long)
@@ -198,6 +208,7 @@ def run_job(job: dict) -> None:
     if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
         torch.save(result, job["out"])
     dist.barrier()
+    report(f"{task} done")
 
 
 def main(argv=None) -> None:

@@ -206,6 +206,7 @@ def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERAN
         ref, ref_name = reference_logits(hf_dir, tokens)
         (res,) = run_mcore_jobs([{"checkpoint": os.path.abspath(megatron_dir), "task": "logits",
                                   "tokens": tokens.tolist(), "vocab_size": vocab}],
-                                nproc=megatron_world_size(megatron_dir, allow_globals), policy=allow_globals)
+                                nproc=megatron_world_size(megatron_dir, allow_globals), policy=allow_globals,
+                                progress=progress, desc="logits in megatron-core")
         lg = compare_logits(ref, res["logits"], tolerance)
     return VerifyReport(rt, lg, ref_name)

@@ -19,7 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
+
 from checkpoint_tools.canonical import EMBED, LM_HEAD, CanonicalConfig, expected_shapes
+from checkpoint_tools.grouped_qkv import pack_grouped_qkv, unpack_grouped_qkv
 
 
 @dataclass(frozen=True)
@@ -177,16 +179,10 @@ class GroupedQKV(Mapping):
         ng, per, hd = c.num_key_value_heads, c.num_attention_heads // c.num_key_value_heads, c.head_dim
 
         def unpack(ts):
-            t = ts[0].reshape(ng, per + 2, hd, *ts[0].shape[1:])
-            rest = ts[0].shape[1:]
-            return [t[:, :per].reshape(ng * per * hd, *rest), t[:, per].reshape(ng * hd, *rest),
-                    t[:, per + 1].reshape(ng * hd, *rest)]
+            return unpack_grouped_qkv(ts[0], ng * per, ng, hd, self.hf)
 
         def pack(ts):
-            q, k, v = ts
-            rest = q.shape[1:]
-            return [torch.cat([q.reshape(ng, per, hd, *rest), k.reshape(ng, 1, hd, *rest),
-                               v.reshape(ng, 1, hd, *rest)], dim=1).reshape(-1, *rest)]
+            return [pack_grouped_qkv(*ts, ng, hd)]
 
         return [Link((self.hf.format(i=i),), tuple(p.format(i=i) for p in self.parts), unpack, pack)
                 for i in _instances(self.parts, ctx)]

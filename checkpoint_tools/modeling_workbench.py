@@ -36,6 +36,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           GenerationMixin, PreTrainedModel)
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -415,7 +416,7 @@ class _Explain:
         return [repr(tokenizer.decode([int(t)])) for t in ids[0]]
 
     @contextlib.contextmanager
-    def _hooked(self, module: nn.Module, *, with_inputs: bool = False):
+    def _hooked(self, module: nn.Module):
         """Capture (inputs, output) of `module` during one forward pass."""
         seen = {}
 
@@ -528,6 +529,16 @@ class _TokenQueue(BaseStreamer):
         self.queue.put(("end", None))
 
 
+class _StopWhenAbandoned(StoppingCriteria):
+    """Ends generate() once the consumer of stream_generate stops iterating (a closed chat window)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class WorkbenchForCausalLM(_Explain, WorkbenchPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -571,14 +582,17 @@ class WorkbenchForCausalLM(_Explain, WorkbenchPreTrainedModel, GenerationMixin):
             raise ValueError("stream_generate needs a tokenizer: pass tokenizer= or set model.tokenizer")
         input_ids = self.prompt_ids(prompt_or_messages, tokenizer, chat_template)
         streamer = _TokenQueue()
+        abandoned = threading.Event()
         failure = []
+        stopping = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_StopWhenAbandoned(abandoned))
 
         def run():
             try:
                 self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                               max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
                               pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
-                              tokenizer.eos_token_id, **generate_kwargs)
+                              tokenizer.eos_token_id, stopping_criteria=stopping, **generate_kwargs)
             except BaseException as e:  # handed to the consumer, raised there
                 failure.append(e)
                 streamer.end()
@@ -587,18 +601,21 @@ class WorkbenchForCausalLM(_Explain, WorkbenchPreTrainedModel, GenerationMixin):
         worker.start()
         tokens: list[int] = []
         sent = ""
-        while True:
-            kind, value = streamer.queue.get()
-            if kind == "end":
-                break
-            tokens += value
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # an incomplete multi-byte character: wait for the next token
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
-        worker.join()
+        try:
+            while True:
+                kind, value = streamer.queue.get()
+                if kind == "end":
+                    break
+                tokens += value
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the next token
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                    sent = text
+        finally:  # also when the consumer stops early: generate() ends at its next step
+            abandoned.set()
+            worker.join()
         if failure:
             raise failure[0]
         text = tokenizer.decode(tokens, skip_special_tokens=True)

@@ -76,6 +76,24 @@ def test_stream_generate_is_generate_token_for_token(smol):
     assert model.last_stream_tokens == sampled
 
 
+def test_stream_generate_stops_when_the_consumer_does(smol):
+    """Closing the stream ends generate() at its next step (not after all max_new_tokens)."""
+    from transformers.generation.stopping_criteria import StoppingCriteria
+
+    class Count(StoppingCriteria):
+        steps = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            Count.steps += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    stream = smol["model"].stream_generate(QUESTION, max_new_tokens=200, min_new_tokens=200,
+                                           stopping_criteria=[Count()])
+    next(stream), next(stream)
+    stream.close()  # joins the generating thread
+    assert 2 <= Count.steps < 20, Count.steps
+
+
 def test_logit_lens_of_the_last_layer_is_the_greedy_next_token(smol):
     model, ids = smol["model"], smol["ids"]
     greedy = model.generate(ids, max_new_tokens=1, do_sample=False)[0, -1].item()

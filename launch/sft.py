@@ -2,7 +2,7 @@
 
 Run as ``python -m launch.sft ...`` or ``torchrun --nproc_per_node N -m launch.sft ...``. Data: JSONL with chat
 ``messages``, ShareGPT ``conversations`` or Alpaca records, each with an optional ``channel``. Labels cover assistant
-turns only; packing, LoRA (peft), DeepSpeed ZeRO-2 and resuming from the last checkpoint are options. See ``--help``.
+turns only; packing, LoRA (peft), DeepSpeed ZeRO-2/3 and resuming from the last checkpoint are options. See ``--help``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "ds_zero2.json"}
+DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "ds_zero2.json", "zero3": CONFIG_DIR / "ds_zero3.json"}
 
 EPILOG = """\
 data formats (one JSON object per line, optional "channel": "<name>" on any of them):
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated module names, or all-linear (default)")
 
     tr = p.add_argument_group("training")
-    tr.add_argument("--deepspeed", help="DeepSpeed config JSON, or 'zero2' for launch/configs/ds_zero2.json "
+    tr.add_argument("--deepspeed", help="DeepSpeed config JSON, or 'zero2' / 'zero3' for launch/configs/ds_zero<N>.json "
                     "(needs deepspeed: pip install 'megatron-workbench[deepspeed]')")
     tr.add_argument("--no-resume", action="store_true", help="start fresh even if --output-dir has checkpoints "
                     "(default: resume from the last checkpoint-N there)")
@@ -160,7 +160,24 @@ def training_arguments(args: argparse.Namespace, passthrough: list[str], has_eva
         # torchrun on a CPU-only machine starts N independent trainers that each see all the data.
         hf += ["--use_cpu", "true"]
     (targs,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=hf + passthrough)
+    if deepspeed:
+        _join_deepspeed_comm(targs)
     return targs
+
+
+def _join_deepspeed_comm(targs) -> None:
+    """Make deepspeed.comm see the process group torch already has.
+
+    ZeRO-3 builds the model partitioned (``deepspeed.zero.Init`` inside ``from_pretrained``) and reads the world size
+    from ``deepspeed.comm``; accelerate's CPU path sets up ``torch.distributed`` (gloo) but not ``deepspeed.comm``, so
+    ZeRO-3 would see a world of 1 and refuse the batch sizes.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    _ = targs.world_size  # sets up torch.distributed (gloo on CPU, the accelerator's backend elsewhere)
+    if dist.is_available() and dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
 def _load_datasets(args, tokenizer, is_main: bool):

@@ -24,9 +24,10 @@ setup(
     ],
     extras_require={
         "demo": ["gguf", "accelerate", "sentencepiece"],
-        "test": ["pytest", "gguf", "accelerate", "sentencepiece", "peft"],
+        # DeepSpeed is exercised on CPU in the tests (ZeRO-2/3 under torchrun); datasets tokenizes pretraining text.
+        "test": ["pytest", "gguf", "accelerate", "sentencepiece", "peft", "datasets", "deepspeed>=0.19.8"],
         "sft": ["datasets", "peft"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.19.8"],
         "gpu": ["transformer-engine", "apex", "flash-attn"],
         "vllm": ["vllm"],
     },

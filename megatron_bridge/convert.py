@@ -24,7 +24,7 @@ from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, Conve
 from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.layout import stage_layers
 from megatron_bridge.mcore_launcher import run_mcore_jobs
-from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, shape_from_args
+from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, resharded_args, shape_from_args
 from megatron_bridge.param_kinds import check_tp
 from megatron_bridge.to_megatron import write_legacy
 
@@ -103,15 +103,14 @@ def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
     ckpt = source.inner.ckpt if isinstance(source, CastSource) else source.ckpt
     old = ckpt.args
     tp, pp, vpp, div = output_layout(opts, ckpt.tp, ckpt.pp, ckpt.vpp, getattr(old, "make_vocab_size_divisible_by", None))
-    fresh = args_from_canonical(source.config, tp=tp, pp=pp, vpp=vpp, make_vocab_size_divisible_by=div,
-                                transformer_impl=opts.value("name_style"))
-    # Keep the training hyperparameters of the source run; only the layout and what depends on it change.
-    args = type(old)(**{**vars(old), **{k: getattr(fresh, k) for k in (
-        "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-        "num_layers_per_virtual_pipeline_stage", "padded_vocab_size", "make_vocab_size_divisible_by", "world_size",
-        "transformer_impl", "params_dtype", "bf16", "fp16")}})
+    # Keep the training hyperparameters of the source run; only the layout and what depends on it change. A source
+    # with no known true vocab keeps it unknown: no record of ours claims the padded size as the vocab.
+    vocab_known = (source.inner if isinstance(source, CastSource) else source).vocab_known
+    args = resharded_args(old, source.config, vocab_known=vocab_known, tp=tp, pp=pp, vpp=vpp, divisible_by=div,
+                          transformer_impl=opts.value("name_style"))
     return write_legacy(source, dst, args, style=opts.value("name_style"), iteration=ckpt.iteration,
-                        copy_sidecar_from=src if meta else None, force=opts.force, progress=opts.progress)
+                        copy_sidecar_from=src if meta else None, force=opts.force, progress=opts.progress,
+                        record_config=vocab_known)
 
 
 def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:

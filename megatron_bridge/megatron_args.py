@@ -1,4 +1,9 @@
-"""Canonical config <-> the `args` Namespace stored in Megatron checkpoints, through one two-way table.
+"""Canonical config <-> the `args` Namespace stored in Megatron checkpoints, through two declarative tables.
+
+- `CONFIG_TABLE`: each canonical field and every name Megatron-LM releases record it under (written under all,
+  read from whichever is present).
+- `UNEXPRESSIBLE_ARGS`: args that change the model's arithmetic in ways canonical cannot hold, with their harmless
+  values; we write those, and refuse any other value on read, by name.
 
 The Namespace carries what Megatron-LM's `pretrain_gpt.py --use-checkpoint-args` reads (shape, parallel sizes,
 GQA, rope, biases, normalization, padded vocab) plus `checkpoint_version`-era bookkeeping, so Megatron-LM itself can

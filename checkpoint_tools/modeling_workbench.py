@@ -244,8 +244,10 @@ def check_device_list(device_list: Sequence) -> list[torch.device]:
                 raise ValueError(f"set_device: {d!r} is not available (this machine has {count} CUDA device(s))")
         elif dev.type == "meta":
             raise ValueError("set_device: 'meta' holds no data; give real devices")
-        elif dev.type != "cpu" and not getattr(torch, dev.type, None):
-            raise ValueError(f"set_device: device type {dev.type!r} is not available here")
+        elif dev.type != "cpu":
+            backend = getattr(torch, dev.type, None)  # torch.xpu, torch.mps, ...
+            if backend is None or not getattr(backend, "is_available", lambda: False)():
+                raise ValueError(f"set_device: device type {dev.type!r} is not available here")
         devices.append(dev)
     seen = [str(d) for d in devices]
     dup = sorted({s for s in seen if seen.count(s) > 1})

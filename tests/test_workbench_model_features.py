@@ -160,6 +160,7 @@ def test_set_device_over_two_cpu_devices_gives_equal_logits(tiny_wb):
     (["cpu:0", "cpu:0"], r"\['cpu:0'\] given more than once"),
     (["cuda:7"], r"'cuda:7' is not available \(this machine has \d+ CUDA device"),
     (["meta"], r"'meta' holds no data"),
+    (["xpu:0"], r"device type 'xpu' is not available here"),
     (["no-such-device"], r"'no-such-device' is not a device name"),
     ([f"cpu:{i}" for i in range(5)], r"5 devices for 4 layers"),
 ])

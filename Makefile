@@ -15,7 +15,7 @@ TOKENIZER ?=
 NPROC ?= 1
 ARGS ?=
 
-.PHONY: install demo test convert verify bench clean preprocess train demo-train
+.PHONY: install demo test convert verify infer bench clean preprocess train demo-train
 
 .installed: setup.py Makefile
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -56,6 +56,14 @@ train: install
 
 demo-train: install
 	$(RUN) $(PYTHON) -m launch demo-train $(ARGS)
+
+MODEL ?=
+DATA ?=
+OUT ?=
+WORKERS ?= 1
+infer: install
+	@test -n "$(MODEL)" -a -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make infer MODEL=<dir> DATA=<in.jsonl> OUT=<out.jsonl> [WORKERS=K] [ARGS='--devices 0,1,2,3 --backend vllm --max-new-tokens 256 ...']"; exit 2; }
+	$(RUN) $(PYTHON) -m launch infer $(MODEL) $(DATA) $(OUT) --num-workers $(WORKERS) $(ARGS)
 
 bench: install
 	$(RUN) $(PYTHON) bench/bench_convert.py $(ARGS)

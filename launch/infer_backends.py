@@ -187,8 +187,10 @@ class VLLMBackend:
         self.tok = load_tokenizer(model_dir)
         self.eos = eos_ids(model_dir, self.tok)
         vdtype = "float32" if dtype == "auto" and not gpus else dtype
+        # On the CPU, torch.compile's warm-up builds C++ kernels for minutes (seen: > 7 min on 2 busy cores);
+        # eager mode starts in seconds. GPUs keep vLLM's compiled graphs.
         self.llm = LLM(model=model_dir, tokenizer=model_dir, tensor_parallel_size=max(1, len(gpus)), dtype=vdtype,
-                       seed=0, max_num_seqs=max(batch_size, 1), enable_prefix_caching=False)
+                       seed=0, max_num_seqs=max(batch_size, 1), enable_prefix_caching=False, enforce_eager=not gpus)
 
     def batches(self, items: list[dict]) -> list[list[int]]:
         return [list(range(len(items)))]  # the engine schedules a whole chunk itself (continuous batching)

@@ -240,6 +240,7 @@ class RunReport:
     done: int = 0                   # finished now
     tokens: int = 0
     wall_s: float = 0.0
+    load_s: Optional[float] = None  # until the first replica was ready
     per_worker: dict = field(default_factory=dict)
     deaths: int = 0                 # worker processes that died
     retried: int = 0                # items handed out again after a death
@@ -254,6 +255,10 @@ class RunReport:
 
     def summary(self) -> str:
         rate = f"{self.done / self.wall_s:.2f} items/s, {self.tokens / self.wall_s:.1f} tokens/s" if self.wall_s else "-"
+        gen_s = self.wall_s - (self.load_s or 0.0)
+        if self.load_s is not None and gen_s > 0:
+            rate += (f" (after {self.load_s:.1f} s loading: {self.done / gen_s:.2f} items/s, "
+                     f"{self.tokens / gen_s:.1f} tokens/s)")
         lines = [f"infer: {self.done} item(s) generated, {self.skipped} already done, {len(self.failed)} failed, "
                  f"of {self.total}" + (f" (node {self.node_rank} of {self.nodes})" if self.nodes > 1 else ""),
                  f"  {self.tokens} tokens in {self.wall_s:.1f} s: {rate}",
@@ -321,6 +326,8 @@ class Coordinator:
         kind = msg[0]
         if kind == "ready":
             r.loaded = r.ever_loaded = True
+            if self.report.load_s is None:
+                self.report.load_s = time.time() - self.t0
             r.part = msg[1]["part"]
             self.hand_out(r)
         elif kind == "fatal":
@@ -359,7 +366,7 @@ class Coordinator:
         r.conn.close()
         if not r.loaded:
             r.retired = r.fatal or f"died while loading the model ({how})"
-            self.bar.write(f"infer: worker {r.slot} on {r.devices} could not start: {r.retired}")
+            self.bar.write(f"infer: worker {r.slot} on {r.devices} could not start: {r.retired}", file=sys.stderr)
             return
         self.report.deaths += 1
         if r.chunk:
@@ -379,7 +386,8 @@ class Coordinator:
                 else:
                     self.retry.append(it)
                     self.report.retried += 1
-            self.bar.write(f"infer: worker {r.slot} (pid {r.pid}) died ({how}); its unfinished items go back")
+            self.bar.write(f"infer: worker {r.slot} (pid {r.pid}) died ({how}); its unfinished items go back",
+                           file=sys.stderr)
             r.chunk = None
         else:
             r.idle_deaths += 1
@@ -402,12 +410,12 @@ class Coordinator:
             while self.work_left() and self.live():
                 by_obj = {}
                 for r in self.live():
-                    by_obj[r.conn] = r
-                    by_obj[r.proc.sentinel] = r
+                    by_obj[r.conn] = (r, r.proc)
+                    by_obj[r.proc.sentinel] = (r, r.proc)
                 for obj in wait(list(by_obj), timeout=1.0):
-                    r = by_obj[obj]
-                    if r.conn.closed:
-                        continue
+                    r, proc = by_obj[obj]
+                    if r.proc is not proc or r.conn.closed:
+                        continue  # its death was handled already this round (and it may have been restarted)
                     if obj is r.conn:
                         try:
                             self.on_message(r, r.conn.recv())

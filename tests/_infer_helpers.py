@@ -91,8 +91,8 @@ def reference(model_dir: str, rows: list[dict], max_new_tokens: int) -> list[dic
     return out
 
 
-def launch(args: list[str], python: str = sys.executable, **kw) -> subprocess.Popen:
+def launch(args: list[str], python: str = sys.executable, env_extra: dict | None = None) -> subprocess.Popen:
     """`python -m launch ...` from the repository, in its own session (so a test can kill the whole run)."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.Popen([python, "-m", "launch", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -180,24 +179,23 @@ def _smoke_args(args, passthrough):
     return smoke, passthrough + ["--save_strategy", "no"]
 
 
-class _StepTimer:
-    """Wall time of every optimizer step (a TrainerCallback, built lazily so --help needs no transformers)."""
+def _step_timer():
+    """A ``TrainerCallback`` recording every optimizer step's wall time (built here so ``--help`` imports no
+    transformers)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self._t0 = 0.0
 
-        class StepTimer(TrainerCallback):
-            def __init__(self):
-                self.times: list[float] = []
-                self._t0 = 0.0
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                self._t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._t0)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.times.append(time.perf_counter() - self._t0)
-
-        return StepTimer()
+    return StepTimer()
 
 
 def smoke_report(history, times, tokens_per_step, reports, slice_tokens, block_size, global_batch) -> str:
@@ -309,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         print(f"model: {_parameter_count(model):,} parameters, {how}", flush=True)
 
-    timer = _StepTimer()
+    timer = _step_timer()
     trainer = ChannelLossTrainer(
         model=model,
         args=targs,

@@ -1,4 +1,4 @@
-"""Pretraining data for the Hugging Face Trainer: raw-text JSONL -> tokens -> fixed blocks that keep every token's channel.
+"""Pretraining data for the Trainer: raw-text JSONL -> tokens -> fixed blocks that keep every token's channel.
 
 What it does:
 

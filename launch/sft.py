@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated module names, or all-linear (default)")
 
     tr = p.add_argument_group("training")
-    tr.add_argument("--deepspeed", help="DeepSpeed config JSON, or 'zero2' / 'zero3' for launch/configs/ds_zero<N>.json "
+    tr.add_argument("--deepspeed", help="DeepSpeed config JSON, or 'zero2' / 'zero3' for launch/configs/ds_zero2.json "
+                    "/ ds_zero3.json "
                     "(needs deepspeed: pip install 'megatron-workbench[deepspeed]')")
     tr.add_argument("--no-resume", action="store_true", help="start fresh even if --output-dir has checkpoints "
                     "(default: resume from the last checkpoint-N there)")

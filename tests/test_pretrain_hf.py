@@ -188,21 +188,30 @@ def test_ddp_run_reports_blocks_and_plots(ddp_run, tmp_path):
 # ---------------------------------------------------------------- smoke
 
 def test_smoke_runs_end_to_end_and_reports(tiny, tmp_path, capsys):
-    """From a config (from scratch), on a slice, with a one-screen report; the wall time is printed, not asserted."""
+    """From a config of our own model_type workbench (from scratch), on a slice, with a one-screen report; the wall
+    time is printed, not asserted."""
+    from transformers import AutoModelForCausalLM
+
+    import checkpoint_tools.modeling_workbench  # noqa: F401  registers model_type workbench
+    from checkpoint_tools.configuration_workbench import WorkbenchConfig
     from launch.pretrain_hf import main
 
     root, tok = tiny
+    config = WorkbenchConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config.save_pretrained(str(tmp_path / "cfg"))
+    expected_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     data, records = _texts(str(tmp_path), tok, 40, seed=5, name="d.jsonl")
     out = tmp_path / "run"
     started = time.perf_counter()
-    assert main(["--config", os.path.join(root, "config.json"), "--data", data, "--output-dir", str(out),
-                 "--block-size", "32", "--smoke", "--smoke-texts", "30", "--cache-dir", str(tmp_path / "c"),
-                 "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]) == 0
+    assert main(["--config", str(tmp_path / "cfg" / "config.json"), "--tokenizer", root, "--data", data,
+                 "--output-dir", str(out), "--block-size", "32", "--smoke", "--smoke-texts", "30",
+                 "--cache-dir", str(tmp_path / "c"), "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]) == 0
     seconds = time.perf_counter() - started
     text = capsys.readouterr().out
     print(f"smoke run: {seconds:.1f} s in process")
     assert "(smoke slice: the first texts only)" in text
-    assert "model: " in text and "from scratch (llama config" in text
+    assert f"model: {expected_params:,} parameters, from scratch (workbench config" in text
     report = text[text.index("smoke run report"):]
     trained = reference_blocks(tok, records[:30], 32)[:4]
     for name in {c for _, channels in trained for c in channels[1:]}:

@@ -116,6 +116,43 @@ def test_poison_item_is_set_aside_and_the_rest_completes(tiny, monkeypatch, caps
     same_as_reference(got[:3] + got[4:], ref[:3] + ref[4:10])
 
 
+# ---- other model sources: our modeling file (set_device), a Megatron checkpoint (converted once, cached) ----
+
+def test_workbench_checkpoint_is_placed_by_its_set_device(tiny, tmp_path):
+    import torch
+
+    from checkpoint_tools.family_convert import convert_family
+    from checkpoint_tools.modeling_workbench import WorkbenchForCausalLM
+    from launch.infer_backends import place_replica
+
+    model, rows, ref, _ = tiny
+    wb = convert_family(model, str(tmp_path / "wb"), "workbench", progress=False)
+    m = WorkbenchForCausalLM.from_pretrained(wb)
+    assert place_replica(m, ["cpu"]) is m and m.model.device_list == [torch.device("cpu")]
+    data = write_jsonl(str(tmp_path / "wb.jsonl"), rows[:6])
+    out = str(tmp_path / "wb_out.jsonl")
+    assert infer(wb, data, out, 2, max_new_tokens=NEW, batch_size=2, chunk_size=2, progress=False).ok
+    same_as_reference(read_jsonl(out), ref[:6])
+
+
+def test_megatron_checkpoint_is_converted_once_and_reused(tiny, tmp_path):
+    from megatron_bridge.convert import ConvertOptions, hf_to_megatron
+
+    model, rows, ref, _ = tiny
+    mg = hf_to_megatron(model, str(tmp_path / "mg"), ConvertOptions(tp=2, progress=False))
+    data = write_jsonl(str(tmp_path / "mg.jsonl"), rows[:4])
+    out = str(tmp_path / "mg_out.jsonl")
+    assert infer(mg, data, out, 1, max_new_tokens=NEW, progress=False).ok
+    same_as_reference(read_jsonl(out), ref[:4])
+    marker = os.path.join(out + ".model", "workbench_source.json")
+    stamp = os.stat(marker).st_mtime_ns
+    # new lines into the same output: the model loads again, from the cache, not converted again
+    data2 = write_jsonl(str(tmp_path / "mg2.jsonl"), rows[4:6])
+    assert infer(mg, data2, out, 1, max_new_tokens=NEW, progress=False).done == 2
+    assert os.stat(marker).st_mtime_ns == stamp
+    assert [r["output"] for r in read_jsonl(out)] == [r["output"] for r in ref[4:6]]
+
+
 # ---- SmolLM2: real weights ----
 
 @pytest.fixture(scope="module")

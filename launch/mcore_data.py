@@ -89,14 +89,20 @@ def check_indexed_dataset(prefix: str) -> int:
                              "`python -m launch preprocess` (or Megatron-LM's tools/preprocess_data.py)")
     with open(idx, "rb") as f:
         header = f.read(len(_INDEX_HEADER))
-        # version (8 bytes), dtype code (1), then the sequence count (8): read before megatron-core mmaps the .bin,
-        # which fails on an empty file with a message that does not say the data set is empty.
-        rest = f.read(17)
+        # version (8 bytes), dtype code (1), sequence count (8), document count (8), then int32 lengths and int64
+        # pointers per sequence and int64 document indices: checked before megatron-core maps the files, whose
+        # errors on an empty or short file do not say what is wrong.
+        rest = f.read(25)
     if header != _INDEX_HEADER:
         raise ValueError(f"{idx} is not a Megatron index file (header {header!r}); rebuild it with "
                          "`python -m launch preprocess`")
-    if len(rest) == 17 and struct.unpack("<Q", rest[9:17])[0] == 0:
+    if len(rest) < 25:
+        raise ValueError(f"{idx} is truncated or damaged (it ends inside its header); rebuild it")
+    sequences, documents = struct.unpack("<QQ", rest[9:25])
+    if sequences == 0:
         raise ValueError(f"{prefix}: the dataset holds no document; an empty data set trains nothing")
+    if os.path.getsize(idx) < len(_INDEX_HEADER) + 25 + 12 * sequences + 8 * documents:
+        raise ValueError(f"{idx} is truncated or damaged (shorter than its {sequences} sequences need); rebuild it")
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except Exception as e:  # noqa: BLE001 - a short read of a damaged index raises anything from numpy

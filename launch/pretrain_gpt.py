@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import sys
@@ -90,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup steps")
     g.add_argument("--lr-decay-iters", type=int, help="decay steps (default --train-iters)")
-    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"],
-                   help="learning-rate decay")
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"], help="learning-rate decay")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2")
@@ -135,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ============================================================================ plan: every check before any process group
+# ======================================================================= plan: every check before any process group
 
 @dataclass
 class Plan:

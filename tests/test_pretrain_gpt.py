@@ -258,3 +258,29 @@ def test_plot_renders_the_run(layouts, tmp_path):
         for name, line in lines.items():
             series = scalars[prefix + name]
             assert list(line.get_ydata()) == pytest.approx([series[s] for s in sorted(series)], rel=1e-6)
+
+
+def test_eval_only_on_indexed_data_scores_every_document_token_once(corpus, tmp_path):
+    """--eval-only --data-path: every document cut into windows of seq+1 tokens, each scored token once, equal to
+    `transformers` on the same windows (read here with megatron-core's own IndexedDataset)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefixes = [corpus["prefixes"]["math"], corpus["prefixes"]["chat"]]
+    out = str(tmp_path / "eval.json")
+    run(["--load", corpus["ckpts"]["tp1"], "--data-path", *prefixes, "--channel-names", "m", "c", "--eval-only",
+         "--eval-output", out, "--seq-length", "16", "--micro-batch-size", "4"])
+    ref = Reference(corpus["hf"])
+    sums = {}
+    for prefix, name in zip(prefixes, ("m", "c")):
+        ds = IndexedDataset(prefix)
+        for d in range(len(ds)):
+            doc = torch.tensor(ds[d].astype("int64"))
+            for start in range(0, len(doc) - 1, 16):
+                piece = doc[start:start + 17]
+                mask = torch.ones(1, len(piece) - 1, dtype=torch.bool)
+                ref.add_rows(sums, piece[None, :-1], piece[None, 1:], mask, lambda _t, n=name: n)
+    with open(out) as f:
+        result = json.load(f)
+    for name, (s, n) in sums.items():
+        assert result["channels"][name]["tokens"] == n
+        assert result["channels"][name]["loss"] == pytest.approx(s / n, abs=TOL)

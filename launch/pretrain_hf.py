@@ -232,7 +232,8 @@ def smoke_report(history, times, tokens_per_step, reports, slice_tokens, block_s
             full_tokens, how = slice_tokens, "the whole data"
         steps = full_tokens / (block_size * global_batch)
         lines.append(f"full run: ~{full_tokens:,.0f} tokens ({how}) = ~{steps:,.0f} steps per epoch at "
-                     f"{global_batch} blocks of {block_size} per step, ~{steps * step / 3600:.2f} h per epoch")
+                     f"{global_batch} block{'s' * (global_batch != 1)} of {block_size} per step, "
+                     f"~{steps * step / 3600:.2f} h per epoch")
     lines.append("=" * 72)
     return "\n".join(lines)
 

@@ -149,7 +149,8 @@ class HFBackend:
         order = sorted(range(len(items)), key=lambda i: (sorted(items[i]["settings"].items()), -n[i]))
         groups: list[list[int]] = []
         for i in order:
-            if groups and len(groups[-1]) < self.batch_size and items[groups[-1][0]]["settings"] == items[i]["settings"]:
+            last = groups[-1] if groups else None
+            if last and len(last) < self.batch_size and items[last[0]]["settings"] == items[i]["settings"]:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -205,7 +206,8 @@ class VLLMBackend:
         for it in items:
             s = it["settings"]
             greedy = s["temperature"] == 0
-            params.append(SamplingParams(max_tokens=s["max_new_tokens"], temperature=0.0 if greedy else s["temperature"],
+            params.append(SamplingParams(max_tokens=s["max_new_tokens"],
+                                         temperature=0.0 if greedy else s["temperature"],
                                          top_p=1.0 if greedy else s["top_p"],
                                          seed=None if greedy else (s["seed"] + it["index"]), detokenize=False))
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], sampling_params=params, use_tqdm=False)

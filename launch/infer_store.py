@@ -99,7 +99,8 @@ def read_manifest(parts: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{parts} has no {MANIFEST}: it was not written by `infer` (or is still being created)") from None
+        raise ValueError(f"{parts} has no {MANIFEST}: it was not written by `infer` "
+                         f"(or is still being created)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is damaged ({e.msg}); pass --force to start over") from None
 

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from launch.infer_backends import BACKENDS, backend_available, install_hint
 from launch.infer_items import DEFAULTS, Item, check_settings, node_slice, normalized, read_input
-from launch.infer_store import (MergeResult, PartWriter, Records, check_output_path, coordinator_file, merge,
+from launch.infer_store import (MergeResult, PartWriter, check_output_path, coordinator_file, merge,
                                 open_parts, parts_dir, read_manifest, read_part, read_records)
 from launch.infer_worker import FAULT_ENV, parse_fault, worker_main
 
@@ -254,7 +254,8 @@ class RunReport:
         return not self.failed and not self.missing and self.output is not None
 
     def summary(self) -> str:
-        rate = f"{self.done / self.wall_s:.2f} items/s, {self.tokens / self.wall_s:.1f} tokens/s" if self.wall_s else "-"
+        w = self.wall_s
+        rate = f"{self.done / w:.2f} items/s, {self.tokens / w:.1f} tokens/s" if w else "-"
         gen_s = self.wall_s - (self.load_s or 0.0)
         if self.load_s is not None and gen_s > 0:
             rate += (f" (after {self.load_s:.1f} s loading: {self.done / gen_s:.2f} items/s, "

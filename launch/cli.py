@@ -11,6 +11,7 @@
     infer     K model replicas over the devices push a JSONL through, resumable, ordered output (--help)
     infer-merge  join many nodes' inference part files into one ordered output
     pretrain_gpt  train on megatron-core with channel loss (run under torchrun for TP/PP/DP; --help)
+    pretrain_hf  post-pretraining on the Hugging Face Trainer: raw text in blocks, channel loss, DeepSpeed (--help)
     demo-train  SmolLM2 -> Megatron -> a few channel-loss steps on megatron-core -> PNG -> back -> one answer
 """
 from __future__ import annotations
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("infer-merge", help="join many nodes' inference parts (python -m launch infer-merge --help)")
     sub.add_parser("pretrain_gpt", help="train on megatron-core with channel loss (python -m launch pretrain_gpt "
                                         "--help; torchrun -m launch.pretrain_gpt for TP/PP/DP)")
+    sub.add_parser("pretrain_hf", help="post-pretraining on the Trainer with channel loss (python -m launch "
+                                       "pretrain_hf --help; torchrun -m launch.pretrain_hf for DDP/ZeRO)")
     t = sub.add_parser("demo-train", help="SmolLM2 trained with channel loss on megatron-core, and back",
                        description=cmd_demo_train.__doc__)
     t.add_argument("--work-dir", default="work_dirs/demo_train", help="where the demo writes its files")
@@ -234,6 +237,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["pretrain_gpt"]:  # launch.pretrain_gpt owns its (Megatron-LM spelled) options
         from launch import pretrain_gpt
         return pretrain_gpt.main(argv[1:])
+    if argv[:1] == ["pretrain_hf"]:  # launch.pretrain_hf owns its options (and passes TrainingArguments through)
+        from launch import pretrain_hf
+        try:
+            return pretrain_hf.main(argv[1:])
+        except ValueError as e:  # bad input: one clear line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if argv[:1] in (["infer"], ["infer-merge"]):  # launch.multi_infer owns these options
         from launch import multi_infer
         return (multi_infer.main if argv[0] == "infer" else multi_infer.merge_main)(argv[1:])

@@ -123,6 +123,9 @@ def test_cli_refuses_bad_setups_before_training(tiny, tmp_path):
         main(["--model", str(no_eos), "--block-size", "32", "--eos-token", "nope"] + base)
     with pytest.raises(ValueError, match=r"less than one block of --block-size 512"):
         main(["--model", root, "--block-size", "512"] + base)
+    from launch.cli import main as cli
+
+    assert cli(["pretrain_hf", "--model", root, "--block-size", "4096"] + base) == 2  # one line, no traceback
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

@@ -223,3 +223,24 @@ def test_smoke_runs_end_to_end_and_reports(tiny, tmp_path, capsys):
     assert not (out / "checkpoint-1").exists() and (out / "smoke" / "runs").is_dir()
     logged = read_scalars(str(out / "smoke"))
     assert sorted(logged["train/loss"]) == [1, 2, 3, 4]
+
+
+def test_tokenized_cache_is_reused_and_follows_the_file(tiny, tmp_path):
+    """The second tokenization of the same file comes from the cache; a file rewritten in place is tokenized again."""
+    from launch.pretrain_hf_data import scan_jsonl, tokenize_texts
+    from patches.channel_loss import ChannelIndex
+
+    _, tok = tiny
+    path, cache = tmp_path / "d.jsonl", str(tmp_path / "cache")
+    index = ChannelIndex(["code", "math"])
+
+    def tokenized(lines):
+        report = scan_jsonl(_write(path, lines))
+        return tokenize_texts([report], tok, index, cache_dir=cache)
+
+    first = tokenized(['{"text": "def return", "channel": "code"}'])
+    again = tokenized(['{"text": "def return", "channel": "code"}'])
+    assert [f["filename"] for f in again.cache_files] == [f["filename"] for f in first.cache_files]
+    changed = tokenized(['{"text": "one two three four", "channel": "math"}'])
+    assert changed["length"] == [len(tok.encode("one two three four", add_special_tokens=False)) + 1]
+    assert changed["channel_id"] == [index.id("math")]

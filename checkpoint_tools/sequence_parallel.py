@@ -96,7 +96,7 @@ def enable_sequence_parallel(model, group=None):
     model._attn_before_sequence_parallel = model.config._attn_implementation
     model.config._attn_implementation = ULYSSES
     model.config.use_cache = False
-    for m in model.modules():
+    for m in model.modules():  # attention modules by shape, so a remote-code copy of the model class works too
         if hasattr(m, "num_key_value_groups") and hasattr(m, "o_proj"):
             m.sequence_parallel_group = group
     return model

@@ -211,34 +211,51 @@ def test_eval_only_scores_every_sample_exactly_once(corpus, tmp_path):
 # ---------------------------------------------------------------------------------------------- resume
 
 def test_resume_continues_the_exact_run_and_converts_back(corpus, tmp_path):
-    """Save at step 3 (--exit-interval), resume: steps 4..6 log the uninterrupted run's losses; training lowers the
-    loss; the saved checkpoint (with optimizer state) converts back to Hugging Face and loads."""
+    """Save at step 3 as torch_dist and stop (--exit-interval), resume and save at step 5 as legacy, resume again: steps
+    1..7 log the uninterrupted run's losses; training lowers the loss; the saved checkpoint (with optimizer state)
+    converts back to Hugging Face and loads."""
     from transformers import LlamaForCausalLM
 
     from megatron_bridge.convert import ConvertOptions, megatron_to_hf
 
     common = ["--data-path", *corpus["blend"], "--split", "100,0,0", "--seq-length", str(SEQ),
-              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-2",
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "7", "--lr", "1e-2",
               "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "0",
               "--data-cache-path", str(corpus["root"] / "cache")]
     whole = run(["--load", corpus["ckpts"]["tp1"], *common, "--tensorboard-dir", str(tmp_path / "whole")])
-    save = str(tmp_path / "ckpt")
-    run(["--load", corpus["ckpts"]["tp1"], *common, "--exit-interval", "3", "--save", save,
-         "--tensorboard-dir", str(tmp_path / "part")])
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
-        assert f.read().strip() == "3"
-    resumed = run(["--load", save, *common, "--save", save, "--tensorboard-dir", str(tmp_path / "part")])
-    assert "resumed at iteration 3" in resumed
+    part = ["--tensorboard-dir", str(tmp_path / "part")]
+    dist_ckpt, legacy = str(tmp_path / "dist_ckpt"), str(tmp_path / "legacy")
+    run(["--load", corpus["ckpts"]["tp1"], *common, *part, "--exit-interval", "3", "--save", dist_ckpt,
+         "--ckpt-format", "torch_dist"])
+    assert os.path.isfile(os.path.join(dist_ckpt, "iter_0000003", "metadata.json"))
+    second = run(["--load", dist_ckpt, *common, *part, "--exit-interval", "5", "--save", legacy])
+    with open(os.path.join(legacy, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read().strip() == "5"
+    third = run(["--load", legacy, *common, *part, "--save", legacy])
+    assert "resumed at iteration 3" in second and "resumed at iteration 5" in third
     a, b = read_scalars(str(tmp_path / "whole")), read_scalars(str(tmp_path / "part"))
-    assert sorted(b["lm loss"]) == [1, 2, 3, 4, 5, 6]
-    for step in range(1, 7):
+    assert sorted(b["lm loss"]) == list(range(1, 8))
+    for step in range(1, 8):
         assert b["lm loss"][step] == pytest.approx(a["lm loss"][step], abs=1e-6), step
-    assert a["lm loss"][6] < a["lm loss"][1] - 0.05, "training did not lower the loss"
-    back = megatron_to_hf(save, str(tmp_path / "hf_back"), ConvertOptions(progress=False))
+        for channel in CHANNEL_RANGES:
+            assert b[f"channel_loss/{channel}"][step] == pytest.approx(a[f"channel_loss/{channel}"][step], abs=1e-6)
+    back = megatron_to_hf(legacy, str(tmp_path / "hf_back"), ConvertOptions(progress=False))
     model, info = LlamaForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    start = LlamaForCausalLM.from_pretrained(corpus["hf"])
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+    # Training lowered the loss: the trained model, back in Hugging Face form, against the converted one, on the
+    # same documents of every channel.
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    datasets = [IndexedDataset(p) for p in corpus["prefixes"].values()]  # alive while their mmapped rows are read
+    docs = [torch.tensor(ds[d].astype("int64")) for ds in datasets for d in range(8)]
+    losses = {}
+    for name, path in (("start", corpus["hf"]), ("trained", back)):
+        ref, total = Reference(path), [0.0, 0]
+        for doc in docs:
+            total[0] += float(ref.token_losses(doc[None, :-1], doc[None, 1:]).sum())
+            total[1] += len(doc) - 1
+        losses[name] = total[0] / total[1]
+    assert losses["trained"] < losses["start"] - 0.1, losses
     assert "lm loss" in whole
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_tools.pickle_trust import trust_policy
-from checkpoint_tools.safetensors_io import CheckpointError
+from checkpoint_tools.errors import CheckpointError
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
 
 FORMATS = ("torch", "torch_dist")

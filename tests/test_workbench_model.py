@@ -234,7 +234,7 @@ def test_remote_code_folder_loads_without_the_project(zoo_to_workbench, tmp_path
     ids = zoo_to_workbench["_ids"]
     torch.save(ids, str(tmp_path / "ids.pt"))
     subprocess.run([sys.executable, "-c", script, dst, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+                   check=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
     out = torch.load(str(tmp_path / "out.pt"))
     assert out["module"].startswith("transformers_modules"), out["module"]
     assert torch.equal(out["logits"], logits(model, ids))

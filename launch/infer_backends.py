@@ -160,6 +160,9 @@ class HFBackend:
         """Records for one batch of items with the same settings (same order); a failing batch goes item by item."""
         return one_by_one_on_failure(lambda b: self._batch(b, [prompt_ids(self.tok, it) for it in b]), items)
 
+    def close(self) -> None:
+        pass
+
     def _batch(self, items: list[dict], ids: list[list[int]]) -> list[dict]:
         torch = self.torch
         s = items[0]["settings"]
@@ -192,6 +195,13 @@ class VLLMBackend:
         # eager mode starts in seconds. GPUs keep vLLM's compiled graphs.
         self.llm = LLM(model=model_dir, tokenizer=model_dir, tensor_parallel_size=max(1, len(gpus)), dtype=vdtype,
                        seed=0, max_num_seqs=max(batch_size, 1), enable_prefix_caching=False, enforce_eager=not gpus)
+
+    def close(self) -> None:
+        """Stop the engine's processes (seen: without this they outlive the worker)."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit; the coordinator's killpg follows anyway
+            pass
 
     def batches(self, items: list[dict]) -> list[list[int]]:
         return [list(range(len(items)))]  # the engine schedules a whole chunk itself (continuous batching)

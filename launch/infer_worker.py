@@ -55,10 +55,25 @@ def _child_only_environment(backend: str, devices: list[str], threads: int) -> l
     return devices
 
 
+def _own_process_group() -> None:
+    """The worker leads a process group holding whatever it starts (a vLLM engine spawns processes that outlive
+    their parent), so the coordinator can end the whole tree of a dead replica with one killpg before the
+    devices are reused; and it dies with the coordinator (Linux PR_SET_PDEATHSIG), so a killed run leaves no
+    worker writing part files behind a re-run."""
+    os.setpgrp()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_main(conn, spec: dict) -> None:
     """spec: node, slot, label (the `worker` field), devices, backend, model_dir, dtype, batch_size, parts, threads."""
     from launch.infer_store import PartWriter, part_file
 
+    _own_process_group()
     devices = _child_only_environment(spec["backend"], list(spec["devices"]), spec["threads"])
     try:
         import torch
@@ -101,6 +116,7 @@ def worker_main(conn, spec: dict) -> None:
             break
     writer.close()
     conn.close()
+    backend.close()  # multiprocessing ends a child with os._exit: finalizers that would stop an engine never run
 
 
 __all__ = ["FAULT_ENV", "parse_fault", "worker_main"]

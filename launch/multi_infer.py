@@ -355,8 +355,17 @@ class Coordinator:
         elapsed = max(time.time() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{self.report.tokens / elapsed:.1f} tok/s", refresh=False)
 
+    @staticmethod
+    def end_tree(r: Replica) -> None:
+        """Kill what a replica started (a vLLM engine's processes) along with it: its process group."""
+        try:
+            os.killpg(r.pid, 9)
+        except (ProcessLookupError, PermissionError, TypeError):
+            pass
+
     def on_death(self, r: Replica) -> None:
         r.proc.join()
+        self.end_tree(r)
         code = r.proc.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         try:
@@ -456,6 +465,7 @@ class Coordinator:
                 if r.proc.is_alive():
                     r.proc.kill()
                     r.proc.join()
+                self.end_tree(r)
             if r.conn is not None and not r.conn.closed:
                 r.conn.close()
 

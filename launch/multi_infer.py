@@ -447,8 +447,12 @@ class Coordinator:
             why = "; ".join(f"worker {r.slot}: {r.retired}" for r in self.replicas if r.retired) or "no worker left"
             if not any(r.ever_loaded for r in self.replicas):
                 raise RuntimeError(f"no replica could load the model: {why}")
+            left = PartWriter(coordinator_file(self.parts, self.node))  # recorded, so the merge accounts for them
             for it in [it for c in self.queue for it in c] + list(self.retry):
-                self.report.failed.append((it.id, f"not run: every worker was given up ({why})"))
+                msg = f"not run: every worker was given up ({why})"
+                left.write({"key": it.key, "index": it.index, "id": it.id, "error": msg})
+                self.report.failed.append((it.id, msg))
+            left.close()
         self.report.wall_s = time.time() - self.t0
         return self.report
 

@@ -324,3 +324,18 @@ def wait_for_part_line(parts: str, proc, lines: int = 1, timeout: float = 300) -
                             return int(name.split(".pid")[1].split(".")[0])
         time.sleep(0.02)
     raise AssertionError("no worker finished an item in time")
+
+
+def test_a_model_no_replica_can_load_is_one_clear_error(tiny, tmp_path, capsys):
+    import shutil
+
+    model, rows, _, _ = tiny
+    broken = shutil.copytree(model, str(tmp_path / "broken"))
+    with open(os.path.join(broken, "model.safetensors"), "r+b") as f:
+        f.truncate(100)  # a damaged weight file: the tokenizer loads, the model does not
+    data = write_jsonl(str(tmp_path / "d.jsonl"), rows[:2])
+    out = str(tmp_path / "o.jsonl")
+    assert main([broken, data, out, "--num-workers", "2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error: no replica could load the model: worker 0:" in err and "worker 1:" in err
+    assert not os.path.exists(out)

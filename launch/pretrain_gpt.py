@@ -187,8 +187,12 @@ def model_args_from_flags(a: argparse.Namespace, tp: int, pp: int, vpp: int) -> 
 
 def _check_flags_against_checkpoint(a: argparse.Namespace, ckpt: argparse.Namespace, root: str) -> None:
     """Shape flags given together with --load must say what the checkpoint says (Megatron-LM's rule)."""
+    from megatron_bridge.megatron_args import rms_norm_eps_from_args
+
     ng = ckpt.num_query_groups if getattr(ckpt, "group_query_attention", False) else ckpt.num_attention_heads
-    saved = {**{k: getattr(ckpt, k, None) for k in SHAPE_FLAGS}, "num_query_groups": ng}
+    # The epsilon under whichever name the writer used (Megatron-LM 0.16 stores --norm-epsilon as layernorm_epsilon).
+    saved = {**{k: getattr(ckpt, k, None) for k in SHAPE_FLAGS}, "num_query_groups": ng,
+             "norm_epsilon": rms_norm_eps_from_args(ckpt)}
     if saved["kv_channels"] is None:
         saved["kv_channels"] = ckpt.hidden_size // ckpt.num_attention_heads
     wrong = []

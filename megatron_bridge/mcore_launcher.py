@@ -38,7 +38,7 @@ def run_mcore_jobs(jobs: list[dict], nproc: int, timeout: Optional[int] = None,
         with open(path, "w") as f:
             json.dump(jobs, f)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
+               "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "megatron_bridge.mcore_worker", path]
         bar = tqdm(total=len(jobs) * STAGES_PER_JOB, desc=f"{desc}: starting {nproc} workers", unit="step",

@@ -146,6 +146,15 @@ def test_bad_input_fails_before_training(case, setup, tmp_path, capsys, monkeypa
     _fails(setup, tmp_path, capsys, monkeypatch, build(setup, tmp_path), expected, world)
 
 
+def test_norm_epsilon_checked_under_megatron_lm_name(setup, tmp_path, capsys, monkeypatch):
+    """Megatron-LM 0.16 records --norm-epsilon as `layernorm_epsilon` only (the fixture is its own output); a
+    disagreeing flag used to pass unchecked because only `norm_epsilon` was compared."""
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "megatron_lm", "qwen2_trained")
+    _fails(setup, tmp_path, capsys, monkeypatch,
+           ["--load", fixture, "--seq-length", "16", "--sft-data", setup["good"], "--norm-epsilon", "0.5"],
+           "--norm-epsilon 0.5 (checkpoint: 1e-06)")
+
+
 def test_empty_indexed_dataset(setup, tmp_path, capsys, monkeypatch):
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder

@@ -19,7 +19,6 @@ Batches are read on tensor-parallel rank 0 and broadcast to the other TP ranks i
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -29,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from launch.jsonl_records import jsonl_objects
 from patches.channel_loss import DEFAULT_CHANNEL, IGNORE_INDEX, ChannelIndex
 
 FIELDS = ("tokens", "labels", "loss_mask", "channel_ids", "segment_ids")
@@ -227,40 +227,30 @@ def read_sft_jsonl(path: str, seq_length: int, get_tokenizer=None, vocab_size: O
                              "tokenizer folder) or load a checkpoint that carries one")
         return loaded[0]
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: line is {type(record).__name__}, expected a JSON object")
-            channel = _channel_of(record, channel_field, where) or DEFAULT_CHANNEL
-            if "input_ids" in record:
-                ids = _ids(record["input_ids"], where, "input_ids", vocab_size)
-                mask = record.get("loss_mask", [1] * len(ids))
-                if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
-                    raise ValueError(f"{where}: 'loss_mask' must be a list of 0/1 as long as 'input_ids' "
-                                     f"({len(ids)})")
-                supervised = [bool(m) for m in mask]
-            elif "text" in record:
-                if not isinstance(record["text"], str) or not record["text"]:
-                    raise ValueError(f"{where}: 'text' must be a non-empty string")
-                ids = list(tokenizer(where)(record["text"])["input_ids"])
-                supervised = [True] * len(ids)
-            else:
-                messages = record_to_messages(record, where)
-                tok = tokenize_conversation(tokenizer(where), Conversation(messages, channel, where), seq_length + 1)
-                ids, supervised = tok.input_ids, [label != IGNORE_INDEX for label in tok.labels]
-            if len(ids) < 2:
-                raise ValueError(f"{where}: the sample has {len(ids)} token(s); at least 2 are needed to predict one")
-            if vocab_size is not None:
-                _ids(ids, where, "tokens", vocab_size)
-            ids, supervised = ids[:seq_length + 1], supervised[:seq_length + 1]
-            samples.append(_shift(ids, supervised, channel, where))
+    for _, where, record in jsonl_objects(path):
+        channel = _channel_of(record, channel_field, where) or DEFAULT_CHANNEL
+        if "input_ids" in record:
+            ids = _ids(record["input_ids"], where, "input_ids", vocab_size)
+            mask = record.get("loss_mask", [1] * len(ids))
+            if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
+                raise ValueError(f"{where}: 'loss_mask' must be a list of 0/1 as long as 'input_ids' "
+                                 f"({len(ids)})")
+            supervised = [bool(m) for m in mask]
+        elif "text" in record:
+            if not isinstance(record["text"], str) or not record["text"]:
+                raise ValueError(f"{where}: 'text' must be a non-empty string")
+            ids = list(tokenizer(where)(record["text"])["input_ids"])
+            supervised = [True] * len(ids)
+        else:
+            messages = record_to_messages(record, where)
+            tok = tokenize_conversation(tokenizer(where), Conversation(messages, channel, where), seq_length + 1)
+            ids, supervised = tok.input_ids, [label != IGNORE_INDEX for label in tok.labels]
+        if len(ids) < 2:
+            raise ValueError(f"{where}: the sample has {len(ids)} token(s); at least 2 are needed to predict one")
+        if vocab_size is not None:
+            _ids(ids, where, "tokens", vocab_size)
+        ids, supervised = ids[:seq_length + 1], supervised[:seq_length + 1]
+        samples.append(_shift(ids, supervised, channel, where))
     if not samples:
         raise ValueError(f"--sft-data {path!r} holds no samples; an empty data set trains nothing")
     return samples

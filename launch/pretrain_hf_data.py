@@ -17,7 +17,6 @@ What it does:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -25,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from launch.jsonl_records import jsonl_objects
 from launch.sft_data import _channel_of
 from patches.channel_loss import DEFAULT_CHANNEL, ChannelIndex
 
@@ -77,18 +77,8 @@ def _text_of(record, text_field: str, where: str) -> str:
 
 def _records(path: str, text_field: str, channel_field: str) -> Iterator[tuple[int, str, str | None]]:
     """``(line number, text, channel)`` for every non-blank line; bad lines raise with ``path:line``."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: line is {type(record).__name__}, expected a JSON object")
-            yield lineno, _text_of(record, text_field, where), _channel_of(record, channel_field, where)
+    for lineno, where, record in jsonl_objects(path):
+        yield lineno, _text_of(record, text_field, where), _channel_of(record, channel_field, where)
 
 
 def scan_jsonl(path: str, text_field: str = "text", channel_field: str = "channel",

@@ -14,11 +14,11 @@ What it does:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from launch.jsonl_records import jsonl_objects
 from patches.channel_loss import DEFAULT_CHANNEL, IGNORE_INDEX
 
 # ChatML, for tokenizers that ship no template (base models). Its markers are plain text to a tokenizer that lacks
@@ -196,19 +196,9 @@ def load_jsonl(path: str, channel_field: str = "channel") -> list[Conversation]:
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist; pass a JSONL file with one sample per line")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: line is {type(record).__name__}, expected a JSON object")
-            messages = record_to_messages(record, where)
-            conversations.append(Conversation(messages, _channel_of(record, channel_field, where), where))
+    for _, where, record in jsonl_objects(path):
+        messages = record_to_messages(record, where)
+        conversations.append(Conversation(messages, _channel_of(record, channel_field, where), where))
     if not conversations:
         raise ValueError(f"data file {path!r} holds no samples")
     return conversations

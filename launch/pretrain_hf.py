@@ -37,7 +37,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; unknown ``--snake_case`` options go to ``TrainingArguments``."""
-    from launch.sft import DEEPSPEED_PRESETS
+    from launch.sft import add_training_flags
 
     p = argparse.ArgumentParser(
         prog="python -m launch.pretrain_hf",
@@ -73,23 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-channel loss curves; auto: on when the data names channels (default)")
     ch.add_argument("--channel-field", default="channel", help="per-line field naming its channel (default: channel)")
 
-    tr = p.add_argument_group("training")
-    tr.add_argument("--deepspeed", help=f"DeepSpeed config JSON, or one of {sorted(DEEPSPEED_PRESETS)} for "
-                    "launch/configs/ds_<name>.json (needs deepspeed: pip install 'megatron-workbench[deepspeed]')")
-    tr.add_argument("--no-resume", action="store_true", help="start fresh even if --output-dir has checkpoints "
-                    "(default: resume from the last checkpoint-N there)")
-    tr.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
-    tr.add_argument("--epochs", type=float, default=1.0, help="training epochs (default: 1)")
-    tr.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    tr.add_argument("--batch-size", type=int, default=1, help="blocks per device per micro-batch (default: 1)")
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    tr.add_argument("--logging-steps", type=int, default=10, help="optimizer steps per logging window (default: 10)")
-    tr.add_argument("--save-steps", type=int, default=500, help="optimizer steps between checkpoints (default: 500)")
-    tr.add_argument("--eval-steps", type=int, help="optimizer steps between evaluations (default: --save-steps)")
-    tr.add_argument("--no-shuffle", action="store_true", help="read blocks in file order instead of shuffling")
-    tr.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    tr.add_argument("--report-to", default="tensorboard", help="Trainer loggers, comma-separated (default: "
-                    "tensorboard; 'none' for none)")
+    add_training_flags(p, lr=1e-4, epochs=1.0, unit="blocks")
 
     sm = p.add_argument_group("smoke run (try small before the full run)")
     sm.add_argument("--smoke", action="store_true", help="the whole pipeline on the first --smoke-texts texts of "

@@ -74,25 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lora-target-modules", default="all-linear",
                     help="comma-separated module names, or all-linear (default)")
 
+    add_training_flags(p, lr=2e-5, epochs=3.0, unit="rows")
+    return p
+
+
+def add_training_flags(p: argparse.ArgumentParser, *, lr: float, epochs: float, unit: str) -> None:
+    """The Trainer flags SFT and post-pretraining share; `unit` names what a batch holds ("rows", "blocks")."""
     tr = p.add_argument_group("training")
-    tr.add_argument("--deepspeed", help="DeepSpeed config JSON, or 'zero2' / 'zero3' for launch/configs/ds_zero2.json "
-                    "/ ds_zero3.json "
-                    "(needs deepspeed: pip install 'megatron-workbench[deepspeed]')")
+    tr.add_argument("--deepspeed", help=f"DeepSpeed config JSON, or one of {sorted(DEEPSPEED_PRESETS)} for "
+                    "launch/configs/ds_<name>.json (needs deepspeed: pip install 'megatron-workbench[deepspeed]')")
     tr.add_argument("--no-resume", action="store_true", help="start fresh even if --output-dir has checkpoints "
                     "(default: resume from the last checkpoint-N there)")
-    tr.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
-    tr.add_argument("--epochs", type=float, default=3.0, help="training epochs (default: 3)")
+    tr.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
+    tr.add_argument("--epochs", type=float, default=epochs, help=f"training epochs (default: {epochs:g})")
     tr.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    tr.add_argument("--batch-size", type=int, default=1, help="rows per device per micro-batch (default: 1)")
+    tr.add_argument("--batch-size", type=int, default=1, help=f"{unit} per device per micro-batch (default: 1)")
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     tr.add_argument("--logging-steps", type=int, default=10, help="optimizer steps per logging window (default: 10)")
     tr.add_argument("--save-steps", type=int, default=500, help="optimizer steps between checkpoints (default: 500)")
     tr.add_argument("--eval-steps", type=int, help="optimizer steps between evaluations (default: --save-steps)")
-    tr.add_argument("--no-shuffle", action="store_true", help="read rows in file order instead of shuffling")
+    tr.add_argument("--no-shuffle", action="store_true", help=f"read {unit} in file order instead of shuffling")
     tr.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     tr.add_argument("--report-to", default="tensorboard", help="Trainer loggers, comma-separated (default: "
                     "tensorboard; 'none' for none)")
-    return p
 
 
 def _split_passthrough(unknown: list[str]) -> list[str]:

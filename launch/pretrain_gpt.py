@@ -390,10 +390,7 @@ def _layer_spec(m: argparse.Namespace):
 
 def build_model_chunks(m: argparse.Namespace, initialize: bool, init_std: float) -> list:
     """This rank's ``GPTModel`` chunks (one per virtual stage), from the Megatron-LM args."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_bridge.model_builder import transformer_config
+    from megatron_bridge.model_builder import build_models, transformer_config
 
     config = transformer_config(m)
     config.perform_initialization = initialize
@@ -403,20 +400,7 @@ def build_model_chunks(m: argparse.Namespace, initialize: bool, init_std: float)
 
         config.init_method = init_method_normal(init_std)
         config.output_layer_init_method = scaled_init_method_normal(init_std, m.num_layers)
-    vpp = m.virtual_pipeline_model_parallel_size or 1
-    chunks = []
-    for v in range(vpp):
-        vp = v if vpp > 1 else None
-        chunks.append(GPTModel(
-            config=config, transformer_layer_spec=_layer_spec(m), vocab_size=m.padded_vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_base=m.rotary_base,
-            rope_scaling=getattr(m, "use_rope_scaling", False),
-            rope_scaling_factor=getattr(m, "rope_scaling_factor", 8.0), vp_stage=vp))
-    return chunks
+    return build_models(m, config=config, layer_spec=_layer_spec(m))
 
 
 class Trainer:

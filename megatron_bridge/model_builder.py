@@ -45,15 +45,20 @@ def transformer_config(args: argparse.Namespace):
     )
 
 
-def build_models(args: argparse.Namespace) -> list:
-    """This process's model chunks (one per virtual pipeline stage); parallel state must be initialized."""
+def build_models(args: argparse.Namespace, config=None, layer_spec=None) -> list:
+    """This process's model chunks (one per virtual pipeline stage); parallel state must be initialized.
+
+    `config` defaults to `transformer_config(args)` and `layer_spec` to the local spec (what conversion and
+    verification load weights into); training passes its own (initialisation on, Transformer Engine when installed).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    config = transformer_config(args)
+    config = config or transformer_config(args)
     _, _, vpp = parallel_sizes(args)
-    spec = get_gpt_layer_local_spec(qk_layernorm=getattr(args, "qk_layernorm", False), normalization="RMSNorm")
+    spec = layer_spec or get_gpt_layer_local_spec(qk_layernorm=getattr(args, "qk_layernorm", False),
+                                                  normalization="RMSNorm")
     models = []
     for v in range(vpp):
         vp = v if vpp > 1 else None

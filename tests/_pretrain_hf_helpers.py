@@ -6,13 +6,11 @@ import glob
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 
 import torch
 
-from _sft_helpers import REPO, sentence
+import _sft_helpers
+from _sft_helpers import sentence
 
 CHANNELS = ("chat", "code", "math")
 
@@ -93,25 +91,9 @@ def read_scalars(run_dir: str) -> dict[str, dict[int, float]]:
 
 
 def torchrun(module: str, args: list[str], nproc: int = 2, timeout: int = 420) -> str:
-    """``torchrun --standalone --nproc_per_node nproc -m <module> ...`` on CPU (gloo); returns stdout + stderr.
-
-    A hang becomes a test failure: past ``timeout`` the whole process group is killed.
-    """
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", module, *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun hung for {timeout} s:\n{out[-4000:]}\n{err[-8000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{out[-4000:]}\n{err[-8000:]}")
-    return out + err
+    """``torchrun --standalone --nproc_per_node nproc -m <module> ...`` on CPU (gloo); returns stdout + stderr."""
+    proc = _sft_helpers.torchrun(args, nproc=nproc, timeout=timeout, module=module)
+    return proc.stdout + proc.stderr
 
 
 def expected_windows(run_dir: str, initial: str, blocks, blocks_per_step: int, steps: int, log_every: int):

@@ -87,15 +87,16 @@ def build_model(out_dir: str, vocab_size: int, seed: int = 0, hidden: int = 32, 
     return model
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, cwd: str = REPO) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc -m launch.sft ...`` (gloo on CPU).
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 180, cwd: str = REPO,
+             module: str = "launch.sft") -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m <module> ...`` (gloo on CPU; default launch.sft).
 
     A hang becomes a test failure: past ``timeout`` the whole process group (launcher and workers) is killed.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "launch.sft", *args]
+           "-m", module, *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -342,9 +342,6 @@ def _bytes_of_first_texts(path: str, count: int) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        # Bad input is the user's to fix: one readable line (per rank under torchrun), not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from launch.sft import run_entry_point
+
+    run_entry_point(main)

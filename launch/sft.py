@@ -312,10 +312,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_entry_point(main) -> None:
+    """Run a Trainer script's ``main`` and exit: bad input as one line, and the process group closed on the way out.
+
+    Every rank waits for the others and destroys the gloo/NCCL group before the interpreter exits; a rank that exits
+    with the group still open can abort in gloo's C++ teardown ("terminate called without an active exception") and
+    torchrun then reports a run that finished as failed.
+    """
     try:
-        sys.exit(main())
+        code = main()
     except ValueError as e:
         # Bad input is the user's to fix: one readable line (per rank under torchrun), not a traceback.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

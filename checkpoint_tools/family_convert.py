@@ -7,7 +7,7 @@ the same family; otherwise the target family writes its own keys and keeps only 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -17,13 +17,15 @@ from checkpoint_tools.hf_checkpoint import HFSource, write_hf_checkpoint
 
 
 def convert_family(src: str, dst: str, to: str, *, dtype: Optional[str] = None, tokenizer: Optional[str] = None,
-                   max_shard_bytes: int = 2 * 1024**3, force: bool = False, progress: bool = True) -> str:
+                   max_shard_bytes: int = 2 * 1024**3, force: bool = False, progress: bool = True,
+                   allow_globals: Iterable[str] = ()) -> str:
     """Convert the HF checkpoint folder `src` (any supported family) into family `to` at `dst`. Returns `dst`.
 
     Raises ValueError naming the feature when `to` cannot express the model (nothing is written then).
+    `allow_globals`: pickled globals ('MODULE.NAME', --allow-global) trusted in a pytorch_model.bin source.
     """
     target = get_family(to)
-    source = HFSource(src)
+    source = HFSource(src, policy=allow_globals)
     same = source.family.model_type == target.model_type
     cast: TensorSource = CastSource(source, getattr(torch, dtype)) if dtype else source
     return write_hf_checkpoint(cast, dst, target, base_config=source.hf_config if same else None,

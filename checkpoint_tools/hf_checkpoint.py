@@ -20,6 +20,7 @@ from checkpoint_tools.families import get_family
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.hf_tensor_check import hf_tensor_problems
 from checkpoint_tools.safetensors_io import DTYPE_NAMES, CheckpointError, ShardedSafetensorsWriter, TensorSpec
+from checkpoint_tools.pickle_trust import PolicyLike
 from checkpoint_tools.torch_bin_io import open_hf_weights, weight_files_found
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -62,11 +63,12 @@ class HFSource(TensorSource):
     the tensors of the last link read stay cached, so q, k and v of one fused tensor cost one read.
     """
 
-    def __init__(self, path: str, family: Optional[Family] = None):
+    def __init__(self, path: str, family: Optional[Family] = None, policy: PolicyLike = None):
+        """`policy`: the pickle trust policy for pytorch_model.bin (or the 'MODULE.NAME' globals of --allow-global)."""
         self.path = path
         self.hf_config = read_hf_config(path)
         self.family = family or get_family(self.hf_config.get("model_type", "?"))
-        self.weights = open_hf_weights(path)  # safetensors, or pytorch_model.bin through the pickle trust policy
+        self.weights = open_hf_weights(path, policy)  # safetensors, or pytorch_model.bin through the trust policy
         known = {n: self.family.knows_hf_name(n) for n in self.weights.names()}
         unknown = [n for n, k in known.items() if k is None]
         if unknown:

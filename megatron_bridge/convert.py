@@ -67,7 +67,7 @@ def open_megatron(path: str, opts: ConvertOptions) -> tuple[MegatronSource, Opti
 
 
 def hf_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
-    source = _cast(HFSource(src), opts.dtype)
+    source = _cast(HFSource(src, policy=opts.allow_globals), opts.dtype)
     args = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.value("vpp"),
                                make_vocab_size_divisible_by=opts.value("make_vocab_size_divisible_by"),
                                transformer_impl=opts.value("name_style"))
@@ -150,7 +150,8 @@ def hf_to_family(src: str, dst: str, opts: ConvertOptions, family: str) -> str:
     from checkpoint_tools.family_convert import convert_family
 
     return convert_family(src, dst, family, dtype=opts.dtype, tokenizer=opts.tokenizer,
-                          max_shard_bytes=opts.value("max_shard_bytes"), force=opts.force, progress=opts.progress)
+                          max_shard_bytes=opts.value("max_shard_bytes"), force=opts.force, progress=opts.progress,
+                          allow_globals=opts.allow_globals)
 
 
 _ALIAS = re.compile(r"^trans_([\w.]+?)_to_([\w.]+)$")

@@ -40,7 +40,7 @@ def inspect(path: str, allow_globals: Iterable[str] = ()) -> dict[str, Any]:
     fmt = detect_format(path)
     out: dict[str, Any] = {"path": path, "format": fmt, "bytes_on_disk": _bytes_on_disk(path)}
     if fmt == "hf":
-        src = HFSource(path)
+        src = HFSource(path, policy=allow_globals)
         specs = [src.weights.spec(n) for n in src.weights.names()]
         out.update(family=src.family.model_type, iteration=None, tp=None, pp=None, vpp=None, name_style="hf",
                    storage=storage_format(src.weights),

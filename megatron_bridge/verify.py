@@ -48,9 +48,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).contiguous().view(torch.uint8)
 
 
-def compare_hf_dirs(a: str, b: str) -> RoundTrip:
+def compare_hf_dirs(a: str, b: str, allow_globals: Iterable[str] = ()) -> RoundTrip:
     """Compare two HF folders tensor by tensor (bitwise, streaming), config by value, assets byte by byte."""
-    ra, rb = open_hf_weights(a), open_hf_weights(b)  # a source may be pytorch_model.bin
+    # a source may be pytorch_model.bin, read through the trust policy (plus the globals the user trusts)
+    ra, rb = open_hf_weights(a, allow_globals), open_hf_weights(b, allow_globals)
     out = RoundTrip()
     na, nb = set(ra.names()), set(rb.names())
     out.missing, out.extra = sorted(na - nb), sorted(nb - na)
@@ -76,11 +77,12 @@ def compare_hf_dirs(a: str, b: str) -> RoundTrip:
     return out
 
 
-def family_round_trip(hf_dir: str, dst: str) -> str:
+def family_round_trip(hf_dir: str, dst: str, allow_globals: Iterable[str] = ()) -> str:
     """The source family's own HF -> canonical -> HF trip: what a folding family must come back as."""
     from checkpoint_tools.family_convert import convert_family
 
-    return convert_family(hf_dir, dst, read_hf_config(hf_dir)["model_type"], progress=False)
+    return convert_family(hf_dir, dst, read_hf_config(hf_dir)["model_type"], progress=False,
+                          allow_globals=allow_globals)
 
 
 def megatron_world_size(megatron_dir: str, allow_globals: Iterable[str] = ()) -> int:
@@ -95,17 +97,30 @@ def megatron_world_size(megatron_dir: str, allow_globals: Iterable[str] = ()) ->
     return ckpt.tp * ckpt.pp
 
 
-def hf_model(hf_dir: str, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
+def hf_model(hf_dir: str, dtype=torch.float32, allow_globals: Iterable[str] = ()):
+    """The `transformers` model of `hf_dir`; pytorch_model.bin weights are read through the project's trust policy
+    (transformers' own .bin reader knows nothing of --allow-global) and handed over as a state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from checkpoint_tools.torch_bin_io import TorchBinDir
+
+    weights = open_hf_weights(hf_dir, allow_globals)
+    if isinstance(weights, TorchBinDir):
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        config = AutoConfig.from_pretrained(hf_dir)
+        cls = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+        state = {n: weights.get(n) for n in weights.names()}
+        return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype).eval()
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
 
 
-def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens: torch.Tensor, allow_globals: Iterable[str] = ()) -> torch.Tensor:
     with torch.no_grad():
-        return hf_model(hf_dir)(tokens).logits.float()
+        return hf_model(hf_dir, allow_globals=allow_globals)(tokens).logits.float()
 
 
-def reference_logits(hf_dir: str, tokens: torch.Tensor) -> tuple[torch.Tensor, str]:
+def reference_logits(hf_dir: str, tokens: torch.Tensor, allow_globals: Iterable[str] = ()) -> tuple[torch.Tensor, str]:
     """Logits of the family's own `transformers` class; for a family without one (InternLM2, Baichuan2, remote Yi)
     those of `LlamaForCausalLM` on the family converted to Llama by its table. Returns (logits, what ran)."""
     from transformers import AutoConfig
@@ -116,9 +131,10 @@ def reference_logits(hf_dir: str, tokens: torch.Tensor) -> tuple[torch.Tensor, s
         from checkpoint_tools.family_convert import convert_family
 
         with tempfile.TemporaryDirectory(prefix="verify-ref-") as tmp:
-            llama = convert_family(hf_dir, os.path.join(tmp, "llama"), "llama", progress=False)
+            llama = convert_family(hf_dir, os.path.join(tmp, "llama"), "llama", progress=False,
+                                   allow_globals=allow_globals)
             return hf_logits(llama, tokens), "LlamaForCausalLM on the family converted to Llama (no transformers class)"
-    return hf_logits(hf_dir, tokens), "transformers " + "/".join(read_hf_config(hf_dir).get("architectures") or ["?"])
+    return hf_logits(hf_dir, tokens, allow_globals), "transformers " + "/".join(read_hf_config(hf_dir).get("architectures") or ["?"])
 
 
 def probe_tokens(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -192,10 +208,10 @@ def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERAN
             back = os.path.join(tmp, "hf")
             # legacy or torch_dist
             convert(megatron_dir, back, ConvertOptions(progress=progress, allow_globals=tuple(allow_globals)))
-            rt = compare_hf_dirs(hf_dir, back)
+            rt = compare_hf_dirs(hf_dir, back, allow_globals)
             if rt.mismatched and not (rt.missing or rt.extra):
                 # A folding family cannot come back bit-identical to its source, only to its own canonical trip.
-                folded = compare_hf_dirs(family_round_trip(hf_dir, os.path.join(tmp, "family")), back)
+                folded = compare_hf_dirs(family_round_trip(hf_dir, os.path.join(tmp, "family"), allow_globals), back)
                 if folded.ok:
                     folded.reference = "family round trip"
                     rt = folded
@@ -203,7 +219,7 @@ def verify(hf_dir: str, megatron_dir: str, *, tolerance: float = DEFAULT_TOLERAN
     if logits:
         vocab = read_hf_config(hf_dir)["vocab_size"]
         tokens = probe_tokens(vocab, batch, seq_len)
-        ref, ref_name = reference_logits(hf_dir, tokens)
+        ref, ref_name = reference_logits(hf_dir, tokens, allow_globals)
         (res,) = run_mcore_jobs([{"checkpoint": os.path.abspath(megatron_dir), "task": "logits",
                                   "tokens": tokens.tolist(), "vocab_size": vocab}],
                                 nproc=megatron_world_size(megatron_dir, allow_globals), policy=allow_globals,

@@ -137,3 +137,45 @@ def test_folder_without_known_weights_says_what_it_looked_for(bins, tmp_path):
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         convert(src, str(tmp_path / "out"), ConvertOptions(tp=2, progress=False))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_allow_global_reaches_the_bin_reader_of_every_command(bins, tmp_path):
+    """A .bin whose pickle needs one global beyond the allow-list (a tensor carrying a Fraction attribute): every
+    command that reads the HF folder refuses it naming the global, and reads it when `--allow-global` trusts it."""
+    from fractions import Fraction
+
+    from megatron_bridge.verify import hf_logits, probe_tokens, verify
+    from test_hostile_pickles import _cli
+
+    src = _without_weights(bins["hf"], str(tmp_path / "src"))
+    sd = dict(bins["sd"])
+    sd["model.norm.weight"] = sd["model.norm.weight"].clone()
+    sd["model.norm.weight"].scale = Fraction(1, 3)  # a harmless class outside the allow-list
+    torch.save(sd, os.path.join(src, BIN_NAME))
+    trust = ("fractions.Fraction",)
+    refusal = r"fractions\.Fraction; pass --allow-global"
+
+    with pytest.raises(CheckpointError, match=refusal):
+        inspect(src)
+    assert inspect(src, allow_globals=trust)["storage"] == "pytorch_model.bin (1 file)"
+    for opts, to, name in ((ConvertOptions(tp=2, progress=False), None, "mg"),
+                           (ConvertOptions(progress=False), "qwen2", "qwen")):
+        with pytest.raises(CheckpointError, match=refusal):
+            convert(src, str(tmp_path / name), opts, to=to)
+        assert not os.path.exists(tmp_path / name)
+        opts.allow_globals = trust
+        convert(src, str(tmp_path / name), opts, to=to)
+    assert compare_hf_dirs(src, str(tmp_path / "qwen"), trust).tensors_equal > 0
+    # verify: the round trip reads the .bin source, and the reference model gets its weights through the policy
+    with pytest.raises(CheckpointError, match=refusal):
+        verify(src, str(tmp_path / "mg"), logits=False)
+    assert verify(src, str(tmp_path / "mg"), logits=False, allow_globals=trust).ok
+    tokens = probe_tokens(bins["sd"]["model.embed_tokens.weight"].shape[0])
+    assert torch.equal(hf_logits(src, tokens, trust), hf_logits(bins["hf"], tokens))
+    # the command line: refused without the option, converted with it
+    proc = _cli("convert", src, str(tmp_path / "cli"), "--to", "llama", "--no-progress")
+    assert proc.returncode != 0 and "fractions.Fraction" in proc.stderr and not os.path.exists(tmp_path / "cli")
+    proc = _cli("convert", src, str(tmp_path / "cli"), "--to", "llama", "--no-progress",
+                "--allow-global", "fractions.Fraction")
+    assert proc.returncode == 0, proc.stderr
+    assert compare_hf_dirs(bins["hf"], str(tmp_path / "cli")).ok

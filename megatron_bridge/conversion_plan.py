@@ -8,8 +8,14 @@ reads one folder and writes one folder:
     hf_to_family           HF family folder            -> HF folder of another family (through canonical)
     legacy_to_hf           Megatron legacy             -> HF folder of the recorded (or chosen) family
     legacy_to_legacy       Megatron legacy             -> Megatron legacy at another layout / names / dtype
-    legacy_to_torch_dist   Megatron legacy             -> torch_dist at the same layout (megatron-core saves it)
-    torch_dist_to_legacy   torch_dist                  -> Megatron legacy at any layout (megatron-core reshards)
+    hf_to_torch_dist       HF family folder            -> torch_dist recording TP x PP (x VPP) in its args
+    torch_dist_to_hf       torch_dist                  -> HF folder of the recorded (or chosen) family
+    legacy_to_torch_dist   Megatron legacy             -> torch_dist at any layout
+    torch_dist_to_legacy   torch_dist                  -> Megatron legacy at any layout / names / dtype
+    torch_dist_to_torch_dist  torch_dist               -> torch_dist at another layout / dtype
+
+torch_dist is read and written in one process by streaming its global, layout-free tensors
+(megatron_bridge.torch_dist_reader / torch_dist_writer); megatron-core reshards it at load.
 
 A plan with more than one step stages its intermediate folders in a scratch folder beside the destination.
 
@@ -121,9 +127,7 @@ def plan_conversion(src_format: str, opts: ConvertOptions, target_family: Option
             if opts.name_style == "te":
                 raise ValueError("--names te: torch_dist keys are name-style free (megatron-core maps them at load);"
                                  " drop --names")
-            return Plan("hf -> megatron torch_dist", (
-                Step("hf_to_legacy", SOURCE, "legacy", (("name_style", "local"), ("force", False))),
-                Step("legacy_to_torch_dist", "legacy", DESTINATION)))
+            return Plan("hf -> megatron torch_dist", (Step("hf_to_torch_dist", SOURCE, DESTINATION),))
         return Plan("hf -> megatron", (Step("hf_to_legacy", SOURCE, DESTINATION),))
 
     kind = "torch_dist" if src_format == TORCH_DIST else "legacy"
@@ -132,8 +136,7 @@ def plan_conversion(src_format: str, opts: ConvertOptions, target_family: Option
         what = f"megatron {kind} -> {target_family or 'hf'}"
         if src_format == LEGACY:
             return Plan(what, (Step("legacy_to_hf", SOURCE, DESTINATION),), target_family)
-        return Plan(what, (Step("torch_dist_to_legacy", SOURCE, "legacy", (("force", False),)),
-                           Step("legacy_to_hf", "legacy", DESTINATION)), target_family)
+        return Plan(what, (Step("torch_dist_to_hf", SOURCE, DESTINATION),), target_family)
 
     if target_family is not None:
         given = [MEGATRON_LAYOUT_FLAGS[n] for n in opts.given(*MEGATRON_LAYOUT_FLAGS)]
@@ -144,29 +147,15 @@ def plan_conversion(src_format: str, opts: ConvertOptions, target_family: Option
                                                 "--tokenizer when converting to Hugging Face")
     out = opts.format or kind
     what = f"megatron {kind} -> megatron {out}"
-    reshard = bool(opts.given("tp", "pp", "vpp", "make_vocab_size_divisible_by"))
-    keep_layout = (("tp", None), ("pp", None), ("vpp", None), ("make_vocab_size_divisible_by", None))
     if out == "torch_dist" and opts.name_style == "te":
         raise ValueError("--names te: torch_dist keys are name-style free (megatron-core maps them at load); "
                          "drop --names")
-    if src_format == LEGACY and out == "legacy":
-        return Plan(what, (Step("legacy_to_legacy", SOURCE, DESTINATION),))
-    if src_format == LEGACY:  # -> torch_dist, resharded or recast in legacy form first when asked
-        if not reshard and opts.dtype is None:
-            return Plan(what, (Step("legacy_to_torch_dist", SOURCE, DESTINATION),))
-        return Plan(what, (Step("legacy_to_legacy", SOURCE, "legacy", (("name_style", "local"), ("force", False))),
-                           Step("legacy_to_torch_dist", "legacy", DESTINATION, keep_layout)))
-    # torch_dist source: megatron-core reshards at load; names and dtype change in a legacy pass
-    if out == "legacy" and opts.name_style in (None, "local") and opts.dtype is None:
-        return Plan(what, (Step("torch_dist_to_legacy", SOURCE, DESTINATION),))
-    load = Step("torch_dist_to_legacy", SOURCE, "legacy", (("force", False), ("dtype", None)))
-    if out == "legacy":
-        return Plan(what, (load, Step("legacy_to_legacy", "legacy", DESTINATION, keep_layout)))
-    if opts.dtype is None:
-        return Plan(what, (load, Step("legacy_to_torch_dist", "legacy", DESTINATION, keep_layout)))
-    return Plan(what, (load, Step("legacy_to_legacy", "legacy", "recast",
-                                  keep_layout + (("name_style", "local"), ("force", False))),
-                       Step("legacy_to_torch_dist", "recast", DESTINATION, keep_layout + (("dtype", None),))))
+    # Every Megatron -> Megatron step reads any layout and writes any layout, names and dtype in one pass: torch_dist
+    # is read and written by streaming its global tensors (megatron-core reshards it at load).
+    action = {("legacy", "legacy"): "legacy_to_legacy", ("legacy", "torch_dist"): "legacy_to_torch_dist",
+              ("torch_dist", "legacy"): "torch_dist_to_legacy",
+              ("torch_dist", "torch_dist"): "torch_dist_to_torch_dist"}
+    return Plan(what, (Step(action[(kind, out)], SOURCE, DESTINATION),))
 
 
 __all__ = ["ConvertOptions", "Plan", "Step", "plan_conversion", "DEFAULTS", "HF", "LEGACY", "TORCH_DIST"]

@@ -7,6 +7,7 @@ name a source and a target: `parse_alias` turns one into (source, target); the s
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -18,15 +19,15 @@ from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
 from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.errors import CheckpointError
-from checkpoint_tools.atomic_dir import atomic_directory, check_destination, scratch_directory
+from checkpoint_tools.atomic_dir import check_destination, scratch_directory
+from checkpoint_tools.pickle_trust import trust_policy
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
 from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, ConvertOptions, Plan, plan_conversion
 from megatron_bridge.from_megatron import MegatronSource
-from megatron_bridge.layout import stage_layers
-from megatron_bridge.mcore_launcher import run_mcore_jobs
-from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, resharded_args, shape_from_args
-from megatron_bridge.param_kinds import check_tp
+from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, resharded_args
 from megatron_bridge.to_megatron import write_legacy
+from megatron_bridge.torch_dist_reader import TorchDistSource
+from megatron_bridge.torch_dist_writer import write_torch_dist
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ def _cast(source: TensorSource, dtype: Optional[str]) -> TensorSource:
     return CastSource(source, getattr(torch, dtype)) if dtype else source
 
 
-def open_megatron(path: str, opts: ConvertOptions) -> tuple[MegatronSource, Optional[dict]]:
+def open_megatron(path: str, opts: ConvertOptions) -> tuple[TensorSource, Optional[dict]]:
+    """A Megatron checkpoint (legacy or torch_dist) as canonical tensors, and its sidecar record."""
+    if torch_dist_format.is_torch_dist_checkpoint(path):
+        return open_torch_dist(path, opts)
     ckpt = legacy_format.open_legacy(path, extra_globals=opts.allow_globals)
     meta = sidecar.read_sidecar(path)
     base = CanonicalConfig.from_dict(meta["canonical_config"]) if meta else None
@@ -64,6 +68,27 @@ def open_megatron(path: str, opts: ConvertOptions) -> tuple[MegatronSource, Opti
     if ckpt.has_optimizer_state:
         log.warning("%s holds optimizer state; conversion keeps model weights only and drops it", path)
     return MegatronSource(ckpt, base, vocab_size=vocab), meta
+
+
+def open_torch_dist(path: str, opts: ConvertOptions) -> tuple[TorchDistSource, Optional[dict]]:
+    """A torch_dist checkpoint streamed as canonical tensors (see torch_dist_reader), and its sidecar record."""
+    meta = sidecar.read_sidecar(path)
+    base = CanonicalConfig.from_dict(meta["canonical_config"]) if meta else None
+    source = TorchDistSource(path, base, vocab_size=opts.vocab_size, policy=trust_policy(opts.allow_globals))
+    if base is None and opts.vocab_size is None and getattr(source.args, "vocab_size", None) is None:
+        log.warning("%s records no true vocab size; exporting all %d padded rows (pass --vocab-size to trim)",
+                    path, source.args.padded_vocab_size)
+    source.report_skipped()
+    return source, meta
+
+
+def _megatron_origin(source: TensorSource) -> tuple:
+    """(args, iteration, TP, PP, VPP) of the Megatron checkpoint behind `source`."""
+    inner = source.inner if isinstance(source, CastSource) else source
+    if isinstance(inner, TorchDistSource):
+        return (inner.args, legacy_format.read_tracker(inner.root)) + parallel_sizes(inner.args)
+    ckpt = inner.ckpt
+    return ckpt.args, ckpt.iteration, ckpt.tp, ckpt.pp, ckpt.vpp
 
 
 def hf_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
@@ -97,53 +122,34 @@ def output_layout(opts: ConvertOptions, tp: int, pp: int, vpp: int, divisible_by
     return opts.tp or tp, out_pp, out_vpp, div
 
 
-def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions) -> str:
+def megatron_to_megatron(src: str, dst: str, opts: ConvertOptions, out_format: str = "legacy") -> str:
+    """Any Megatron checkpoint (legacy or torch_dist) rewritten as `out_format` at the layout, names and dtype the
+    options ask for, streamed through canonical tensors in this process."""
     source, meta = open_megatron(src, opts)
     source = _cast(source, opts.dtype)
-    ckpt = source.inner.ckpt if isinstance(source, CastSource) else source.ckpt
-    old = ckpt.args
-    tp, pp, vpp, div = output_layout(opts, ckpt.tp, ckpt.pp, ckpt.vpp, getattr(old, "make_vocab_size_divisible_by", None))
+    old, iteration, src_tp, src_pp, src_vpp = _megatron_origin(source)
+    tp, pp, vpp, div = output_layout(opts, src_tp, src_pp, src_vpp, getattr(old, "make_vocab_size_divisible_by", None))
     # Keep the training hyperparameters of the source run; only the layout and what depends on it change. A source
     # with no known true vocab keeps it unknown: no record of ours claims the padded size as the vocab.
     vocab_known = (source.inner if isinstance(source, CastSource) else source).vocab_known
+    style = "local" if out_format == "torch_dist" else opts.value("name_style")
     args = resharded_args(old, source.config, vocab_known=vocab_known, tp=tp, pp=pp, vpp=vpp, divisible_by=div,
-                          transformer_impl=opts.value("name_style"))
-    return write_legacy(source, dst, args, style=opts.value("name_style"), iteration=ckpt.iteration,
-                        copy_sidecar_from=src if meta else None, force=opts.force, progress=opts.progress,
-                        record_config=vocab_known)
+                          transformer_impl=style)
+    write = write_torch_dist if out_format == "torch_dist" else functools.partial(write_legacy, style=style)
+    return write(source, dst, args, iteration=iteration, copy_sidecar_from=src if meta else None, force=opts.force,
+                 progress=opts.progress, record_config=vocab_known)
 
 
-def legacy_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
-    """Save a legacy checkpoint as torch_dist at the same layout, through megatron-core's own dist_checkpointing
-    (torchrun with one process per model rank, each holding its rank's shard)."""
-    ckpt = legacy_format.open_legacy(src, extra_globals=opts.allow_globals)
-    if ckpt.has_optimizer_state:
-        log.warning("%s holds optimizer state; torch_dist output keeps model weights only", src)
-    with atomic_directory(dst, force=opts.force) as tmp:
-        out_dir = os.path.join(tmp, legacy_format.iteration_dir_name(ckpt.iteration))
-        run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_torch_dist", "out_dir": out_dir,
-                         "iteration": ckpt.iteration}], nproc=ckpt.tp * ckpt.pp, policy=opts.allow_globals,
-                       progress=opts.progress, desc="torch_dist save")
-        legacy_format.write_tracker(tmp, ckpt.iteration)
-        sidecar.copy_sidecar(src, tmp)
-    return dst
-
-
-def torch_dist_to_legacy(src: str, dst: str, opts: ConvertOptions) -> str:
-    """Load a torch_dist checkpoint into megatron-core at the requested layout (default: the saved one; megatron-core
-    reshards at load) and write it as a legacy checkpoint with local names."""
-    args = torch_dist_format.validate(src, opts.allow_globals)["args"]
-    tp, pp, vpp, _ = output_layout(opts, *parallel_sizes(args), None)
-    check_tp(tp, shape_from_args(args, args.padded_vocab_size), args.ffn_hidden_size)
-    stage_layers(args.num_layers, pp, vpp)
-    iteration = legacy_format.read_tracker(src)
-    with atomic_directory(dst, force=opts.force) as tmp:
-        run_mcore_jobs([{"checkpoint": os.path.abspath(src), "task": "to_legacy", "tp": tp, "pp": pp, "vpp": vpp,
-                         "out_root": tmp, "iteration": iteration}], nproc=tp * pp, policy=opts.allow_globals,
-                       progress=opts.progress, desc="torch_dist load")
-        legacy_format.write_tracker(tmp, iteration)
-        sidecar.copy_sidecar(src, tmp)
-    return dst
+def hf_to_torch_dist(src: str, dst: str, opts: ConvertOptions) -> str:
+    """HF -> torch_dist in one process, one tensor at a time (torch_dist_writer); the args record TP x PP (x VPP),
+    the layout megatron-core is told to load it at unless the loader asks for another."""
+    source = _cast(HFSource(src, policy=opts.allow_globals), opts.dtype)
+    args = args_from_canonical(source.config, tp=opts.tp or 1, pp=opts.pp or 1, vpp=opts.value("vpp"),
+                               make_vocab_size_divisible_by=opts.value("make_vocab_size_divisible_by"),
+                               transformer_impl="local")
+    hf = source.inner if isinstance(source, CastSource) else source
+    return write_torch_dist(source, dst, args, family=hf.family.model_type, hf_config=hf.hf_config,
+                            assets_from=opts.tokenizer or src, force=opts.force, progress=opts.progress)
 
 
 def hf_to_family(src: str, dst: str, opts: ConvertOptions, family: str) -> str:
@@ -196,8 +202,11 @@ STEP_FUNCTIONS = {
     "hf_to_family": lambda src, dst, opts, family: hf_to_family(src, dst, opts, family),
     "legacy_to_hf": lambda src, dst, opts, family: megatron_to_hf(src, dst, opts, family=family),
     "legacy_to_legacy": lambda src, dst, opts, family: megatron_to_megatron(src, dst, opts),
-    "legacy_to_torch_dist": lambda src, dst, opts, family: legacy_to_torch_dist(src, dst, opts),
-    "torch_dist_to_legacy": lambda src, dst, opts, family: torch_dist_to_legacy(src, dst, opts),
+    "hf_to_torch_dist": lambda src, dst, opts, family: hf_to_torch_dist(src, dst, opts),
+    "torch_dist_to_hf": lambda src, dst, opts, family: megatron_to_hf(src, dst, opts, family=family),
+    "legacy_to_torch_dist": lambda src, dst, opts, family: megatron_to_megatron(src, dst, opts, "torch_dist"),
+    "torch_dist_to_legacy": lambda src, dst, opts, family: megatron_to_megatron(src, dst, opts, "legacy"),
+    "torch_dist_to_torch_dist": lambda src, dst, opts, family: megatron_to_megatron(src, dst, opts, "torch_dist"),
 }
 
 

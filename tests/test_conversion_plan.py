@@ -28,8 +28,7 @@ def actions(fmt, target=None, megatron=False, **opts):
     (HF, None, False, {}, [("hf_to_legacy", "source", "destination")]),
     (HF, None, True, {"tp": 2}, [("hf_to_legacy", "source", "destination")]),
     (HF, "qwen2", False, {}, [("hf_to_family", "source", "destination")]),
-    (HF, None, False, {"format": "torch_dist", "tp": 2},
-     [("hf_to_legacy", "source", "legacy"), ("legacy_to_torch_dist", "legacy", "destination")]),
+    (HF, None, False, {"format": "torch_dist", "tp": 2}, [("hf_to_torch_dist", "source", "destination")]),
     (LEGACY, None, False, {}, [("legacy_to_hf", "source", "destination")]),
     (LEGACY, "qwen2", False, {}, [("legacy_to_hf", "source", "destination")]),
     (LEGACY, None, True, {}, [("legacy_to_legacy", "source", "destination")]),
@@ -37,34 +36,28 @@ def actions(fmt, target=None, megatron=False, **opts):
     (LEGACY, None, False, {"name_style": "te"}, [("legacy_to_legacy", "source", "destination")]),
     (LEGACY, None, False, {"make_vocab_size_divisible_by": 64}, [("legacy_to_legacy", "source", "destination")]),
     (LEGACY, None, False, {"format": "torch_dist"}, [("legacy_to_torch_dist", "source", "destination")]),
-    (LEGACY, None, False, {"format": "torch_dist", "pp": 2},
-     [("legacy_to_legacy", "source", "legacy"), ("legacy_to_torch_dist", "legacy", "destination")]),
-    (TORCH_DIST, None, False, {}, [("torch_dist_to_legacy", "source", "legacy"), ("legacy_to_hf", "legacy",
-                                                                                  "destination")]),
+    (LEGACY, None, False, {"format": "torch_dist", "pp": 2}, [("legacy_to_torch_dist", "source", "destination")]),
+    (TORCH_DIST, None, False, {}, [("torch_dist_to_hf", "source", "destination")]),
+    (TORCH_DIST, "qwen2", False, {}, [("torch_dist_to_hf", "source", "destination")]),
     (TORCH_DIST, None, False, {"tp": 1, "format": "legacy"}, [("torch_dist_to_legacy", "source", "destination")]),
-    (TORCH_DIST, None, False, {"tp": 2}, [("torch_dist_to_legacy", "source", "legacy"),
-                                          ("legacy_to_torch_dist", "legacy", "destination")]),
+    (TORCH_DIST, None, False, {"tp": 2}, [("torch_dist_to_torch_dist", "source", "destination")]),
     (TORCH_DIST, None, False, {"format": "legacy", "name_style": "te"},
-     [("torch_dist_to_legacy", "source", "legacy"), ("legacy_to_legacy", "legacy", "destination")]),
+     [("torch_dist_to_legacy", "source", "destination")]),
     (TORCH_DIST, None, False, {"format": "torch_dist", "dtype": "bfloat16"},
-     [("torch_dist_to_legacy", "source", "legacy"), ("legacy_to_legacy", "legacy", "recast"),
-      ("legacy_to_torch_dist", "recast", "destination")]),
+     [("torch_dist_to_torch_dist", "source", "destination")]),
 ])
 def test_plan_steps(fmt, target, megatron, opts, expected):
     assert actions(fmt, target, megatron, **opts) == expected
 
 
-def test_staged_steps_never_force_and_stage_with_local_names():
-    plan = plan_conversion(HF, ConvertOptions(tp=2, format="torch_dist", force=True))
-    first = plan.steps[0].options(ConvertOptions(tp=2, format="torch_dist", force=True))
-    assert first.force is False and first.name_style == "local" and first.tp == 2
-
-
-def test_second_pass_keeps_the_first_pass_layout():
-    opts = ConvertOptions(tp=2, pp=2, format="legacy", name_style="te")
-    plan = plan_conversion(TORCH_DIST, opts)
-    second = plan.steps[1].options(opts)
-    assert (second.tp, second.pp, second.vpp) == (None, None, None) and second.name_style == "te"
+def test_torch_dist_steps_take_every_option_in_one_pass():
+    """torch_dist is streamed in both directions: layout, names and dtype change in one step with the user's own
+    options (force included), never through a staged legacy copy."""
+    for fmt, opts in [(TORCH_DIST, ConvertOptions(tp=2, pp=2, format="legacy", name_style="te", force=True)),
+                      (HF, ConvertOptions(tp=2, format="torch_dist", dtype="bfloat16", force=True)),
+                      (TORCH_DIST, ConvertOptions(vpp=2, pp=2, dtype="float16", force=True))]:
+        (step,) = plan_conversion(fmt, opts).steps
+        assert (step.src, step.dst) == ("source", "destination") and step.options(opts) == opts
 
 
 @pytest.mark.parametrize("fmt,target,megatron,opts,flag", [
@@ -121,8 +114,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_llama, tmp_path):
     dst = tmp_path / "out"
     r = _cli("convert", tiny_llama, str(dst), "--tp", "2", "--format", "torch_dist", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "hf_to_legacy: source -> legacy" in r.stdout
-    assert "legacy_to_torch_dist: legacy -> destination" in r.stdout
+    assert "hf_to_torch_dist: source -> destination" in r.stdout
     assert not dst.exists()
     assert os.listdir(tmp_path) == [] or all(not n.startswith(".out") for n in os.listdir(tmp_path))
 

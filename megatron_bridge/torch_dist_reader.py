@@ -1,0 +1,254 @@
+"""A Megatron torch_dist checkpoint as canonical tensors, read by one process, one layer of one key at a time.
+
+Every global key is matched against the key table (torch_dist_keys) up front, from the DCP index alone: a model key
+the args do not imply, or that no GPT model has, is an error (never dropped silently); optimizer, RNG and extra
+state are recognised by name, skipped and reported; each model key's chunks must tile its global tensor exactly
+(in bounds, no overlap, no gap) and have a storage entry. Only then are tensors read: a canonical tensor is cut from
+its key's layer slice, assembled from the chunks that cover it, each chunk a `torch.save` blob read by byte range and
+loaded weights-only through the trust policy (scanned first). Which TP/PP wrote the checkpoint does not matter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import Counter
+from typing import Optional
+
+import torch
+
+from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_shapes, expected_tensor_names
+from checkpoint_tools.errors import CheckpointError
+from checkpoint_tools.pickle_trust import PolicyLike, load_torch_bytes, trust_policy
+from megatron_bridge import torch_dist_format
+from megatron_bridge.layout import canonical_layer_names
+from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
+                                          true_vocab_from_args)
+from megatron_bridge.torch_dist_keys import DistKey, all_param_keys, model_keys, non_model_kind
+
+log = logging.getLogger(__name__)
+
+Region = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+def _overlap(a: Region, b: Region) -> Optional[Region]:
+    """The intersection of two boxes, or None."""
+    lo = tuple(max(x, y) for x, y in zip(a[0], b[0]))
+    hi = tuple(min(x + s, y + t) for x, s, y, t in zip(a[0], a[1], b[0], b[1]))
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    return lo, tuple(h - l for l, h in zip(lo, hi))
+
+
+def _volume(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def check_tiling(where: str, size: tuple[int, ...], chunks: list[Region]) -> None:
+    """The chunks cover the global tensor exactly: each in bounds, none overlapping, volumes summing to the whole."""
+    for off, sz in chunks:
+        if len(off) != len(size) or len(sz) != len(size) or any(o < 0 or s <= 0 or o + s > g
+                                                                 for o, s, g in zip(off, sz, size)):
+            raise CheckpointError(f"{where}: chunk at offsets {list(off)} of sizes {list(sz)} lies outside the "
+                                  f"global shape {list(size)}; the index is damaged")
+    ordered = sorted(chunks)
+    for i, a in enumerate(ordered):  # sweep along dim 0: only chunks that start before `a` ends can overlap it
+        for b in ordered[i + 1:]:
+            if size and b[0][0] >= a[0][0] + a[1][0]:
+                break
+            if _overlap(a, b):
+                raise CheckpointError(f"{where}: chunks at offsets {list(a[0])} and {list(b[0])} overlap; the "
+                                      f"index is damaged")
+    covered, total = sum(_volume(sz) for _, sz in chunks), _volume(size)
+    if covered != total:
+        raise CheckpointError(f"{where}: the chunks cover {covered} of the {total} elements of global shape "
+                              f"{list(size)}; the checkpoint is incomplete (a rank's shards are missing)")
+
+
+def _expected_global_shape(dk: DistKey, cfg: CanonicalConfig, shape, num_layers: int) -> tuple[int, ...]:
+    """What megatron-core's global tensor of `dk` measures, worked out on meta tensors by the same kinds that split
+    it (a bias the args imply and the model lacks has the shape it would have)."""
+    shapes = expected_shapes(dataclasses.replace(cfg, qkv_bias=True, o_bias=True, mlp_bias=True))
+    names = canonical_layer_names(dk.param.roles, 0) if dk.per_layer else list(dk.param.roles)
+    metas = [torch.empty(shapes[n], device="meta") for n in names]
+    one = tuple(dk.param.kind.shard(metas, 1, 0, shape).shape)
+    return (num_layers,) + one if dk.per_layer else one
+
+
+class TorchDistSource(TensorSource):
+    """Canonical view of a torch_dist checkpoint at any saved layout, local or Transformer Engine names."""
+
+    def __init__(self, root: str, base_config: Optional[CanonicalConfig] = None, vocab_size: Optional[int] = None,
+                 policy: PolicyLike = None):
+        self.root, self.policy = root, trust_policy(policy)
+        self.it_dir = torch_dist_format.iteration_dir(root)
+        self.common = torch_dist_format.validate(root, self.policy)  # every file present and long enough
+        md = torch_dist_format.read_dcp_metadata(root, self.policy)
+        args = self.args = self.common["args"]
+        try:
+            self.config = canonical_from_args(args, base_config)
+        except ValueError as e:
+            raise ValueError(f"{root}: {e}") from None
+        if vocab_size is not None:
+            self.config.vocab_size = vocab_size
+        self.vocab_known = (base_config is not None or vocab_size is not None
+                            or true_vocab_from_args(args) is not None)
+        if self.config.vocab_size > args.padded_vocab_size:
+            raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
+        self.shape = shape_from_args(args, self.config.vocab_size)
+        self.skipped = self._classify(md, model_keys(arch_from_args(args)))
+        self._storage = {(i.fqn, tuple(i.offset) if i.offset is not None else None): info
+                         for i, info in (md.storage_data or {}).items()}
+        self._chunks: dict[str, list[Region]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._size: dict[str, tuple[int, ...]] = {}
+        for stored, dk in self._keys.items():
+            self._check_key(md, stored, dk)
+        # canonical name -> (stored key, its DistKey, layer or None, index into the param's roles)
+        self._index: dict[str, tuple[str, DistKey, Optional[int], int]] = {}
+        for stored, dk in self._keys.items():
+            for layer in (range(self.config.num_layers) if dk.per_layer else [None]):
+                names = canonical_layer_names(dk.param.roles, layer) if dk.per_layer else list(dk.param.roles)
+                for j, name in enumerate(names):
+                    self._index[name] = (stored, dk, layer, j)
+        self._slice: tuple = (None, None)  # ((stored key, layer), canonical tensors of that slice)
+        self._blob: tuple = (None, None)   # ((stored key, offsets), a chunk spanning more than one slice)
+        self._files: dict[str, int] = {}
+        wanted = set(expected_tensor_names(self.config))
+        missing = sorted(wanted - set(self._index))
+        if missing:
+            raise CheckpointError(f"{root}: the checkpoint lacks tensors its config implies: {missing[:10]}")
+        self._check_absent_are_zero(set(self._index) - wanted)
+
+    def _classify(self, md, expected: list[DistKey]) -> Counter:
+        """Map every stored key to the table; returns what was recognised as non-model state (kind -> count)."""
+        by_name = {name: dk for dk in expected for name in (dk.key,) + dk.aliases}
+        every = all_param_keys()
+        self._keys: dict[str, DistKey] = {}
+        skipped: Counter = Counter()
+        unimplied, unknown = [], []
+        for key in md.state_dict_metadata:
+            if key in by_name:
+                dk = by_name[key]
+                if any(self._keys.get(k) is dk for k in self._keys):
+                    raise CheckpointError(f"{self.it_dir}: {dk.key} is stored under two names "
+                                          f"({sorted(k for k in self._keys if self._keys[k] is dk) + [key]})")
+                self._keys[key] = dk
+            elif non_model_kind(key):
+                skipped[non_model_kind(key)] += 1
+            elif key in every:
+                unimplied.append(key)
+            else:
+                unknown.append(key)
+        problems = []
+        if unknown:
+            problems.append(f"keys that are no GPT model parameter {sorted(unknown)[:10]}")
+        if unimplied:
+            problems.append(f"parameters the checkpoint's args do not imply {sorted(unimplied)[:10]} (e.g. a bias "
+                            f"without add_bias_linear, q/k norm without qk_layernorm)")
+        missing = [dk.key for dk in expected if dk not in self._keys.values()]
+        if missing:
+            problems.append(f"missing model keys {missing[:10]}")
+        if problems:
+            raise CheckpointError(f"{self.it_dir}/.metadata: " + "; ".join(problems) + "; nothing is dropped "
+                                  f"silently, so nothing was written")
+        return skipped
+
+    def _check_key(self, md, stored: str, dk: DistKey) -> None:
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        where = f"{self.it_dir}/.metadata: {stored}"
+        m = md.state_dict_metadata[stored]
+        if not isinstance(m, TensorStorageMetadata):
+            raise CheckpointError(f"{where}: stored as {type(m).__name__}, expected a tensor")
+        size = tuple(m.size)
+        want = _expected_global_shape(dk, self.config, self.shape, self.config.num_layers)
+        if size != want:
+            raise CheckpointError(f"{where}: global shape {list(size)}, but the args imply {list(want)}")
+        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks]
+        check_tiling(where, size, chunks)
+        lost = [list(off) for off, _ in chunks if (stored, off) not in self._storage]
+        if lost:
+            raise CheckpointError(f"{where}: chunks at offsets {lost[:5]} have no storage entry in the index")
+        self._chunks[stored], self._size[stored] = chunks, size
+        self._dtypes[stored] = m.properties.dtype
+
+    def _check_absent_are_zero(self, extra: set) -> None:
+        """Biases Megatron's args forced on a model without them must still be zero, or the target loses them."""
+        for name in sorted(extra):
+            if torch.count_nonzero(self.get(name)):
+                raise ValueError(f"{name} is nonzero in the checkpoint, but the target config has no such tensor "
+                                 f"(e.g. o_bias/mlp_bias=False); it cannot be expressed, so nothing was written")
+
+    def names(self) -> list[str]:
+        return expected_tensor_names(self.config)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._dtypes[self._index[name][0]]
+
+    def get(self, name: str) -> torch.Tensor:
+        stored, dk, layer, j = self._index[name]
+        if self._slice[0] != (stored, layer):
+            self._slice = (None, None)  # free the previous slice before reading the next
+            self._slice = ((stored, layer), dk.param.kind.merge([self._read(stored, layer)], self.shape))
+        return self._slice[1][j]
+
+    def release(self) -> None:
+        self._blob = (None, None)
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files = {}
+
+    def _read(self, stored: str, layer: Optional[int]) -> torch.Tensor:
+        """The global tensor of `stored` for one layer (or the whole non-layer tensor), from the chunks covering it."""
+        size = self._size[stored]
+        region: Region = (((layer,) + (0,) * (len(size) - 1), (1,) + size[1:]) if layer is not None
+                          else ((0,) * len(size), size))
+        parts = [(c, _overlap(c, region)) for c in self._chunks[stored]]
+        parts = [(c, o) for c, o in parts if o]
+        if len(parts) == 1 and parts[0][0] == region:  # one chunk is the whole slice: no copy
+            out = self._load_chunk(stored, parts[0][0], keep=False)
+        else:
+            out = torch.empty(region[1], dtype=self._dtypes[stored])
+            for chunk, (lo, sz) in parts:
+                blob = self._load_chunk(stored, chunk, keep=_volume(chunk[1]) > _volume(sz))
+                src = blob[tuple(slice(l - c, l - c + s) for l, c, s in zip(lo, chunk[0], sz))]
+                out[tuple(slice(l - r, l - r + s) for l, r, s in zip(lo, region[0], sz))] = src
+                del blob, src
+        return out[0] if layer is not None else out
+
+    def _load_chunk(self, stored: str, chunk: Region, keep: bool) -> torch.Tensor:
+        if self._blob[0] == (stored, chunk[0]):
+            return self._blob[1]
+        info = self._storage[(stored, chunk[0])]
+        path = os.path.join(self.it_dir, info.relative_path)
+        where = f"{path} (chunk of {stored!r} at offsets {list(chunk[0])})"
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{where}: stored through transforms {info.transform_descriptors}; not supported")
+        fd = self._files.get(info.relative_path)
+        if fd is None:
+            fd = self._files[info.relative_path] = os.open(path, os.O_RDONLY)
+        data = os.pread(fd, info.length, info.offset)
+        if len(data) != info.length:
+            raise CheckpointError(f"{where}: truncated ({len(data)} of {info.length} bytes)")
+        t = load_torch_bytes(data, where, self.policy)
+        del data
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != chunk[1] or t.dtype != self._dtypes[stored]:
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{where}: holds {got}, the index says {chunk[1]} {self._dtypes[stored]}")
+        if keep:
+            self._blob = ((stored, chunk[0]), t)
+        return t
+
+    def report_skipped(self) -> None:
+        """Say what the checkpoint holds besides model weights (conversion keeps weights only)."""
+        state = {k: n for k, n in self.skipped.items() if k in ("optimizer state", "RNG state")}
+        if state or "optimizer" in self.common:
+            what = ", ".join(f"{n} {k} entries" for k, n in sorted(state.items())) or "optimizer state in common.pt"
+            log.warning("%s holds optimizer state; conversion keeps model weights only and drops it (%s)",
+                        self.root, what)

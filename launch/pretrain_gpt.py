@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from launch import mcore_checkpoint, mcore_data
+from launch import exit_signal, mcore_checkpoint, mcore_data
 from patches.channel_loss import ChannelIndex, check_same_index_across_ranks
 from patches.megatron_channel_loss import MegatronChannelLoss, channel_loss_func
 
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (and save) after a step divisible by N, keeping --train-iters' schedule")
     g.add_argument("--ckpt-format", choices=mcore_checkpoint.FORMATS, default="torch",
                    help="torch: legacy mp_rank_* files; torch_dist: megatron.core.dist_checkpointing")
+    exit_signal.add_flags(g)
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="steps per logging window")
@@ -693,6 +694,7 @@ def train(trainer: Trainer) -> None:
         print(f" {mode} at iteration {trainer.iteration} ({trainer.consumed} samples consumed); channels "
               f"{list(trainer.plan.channels.names)}", flush=True)
     window_start = time.time()
+    stop = exit_signal.ExitSignal(a)  # a scheduler's warning: every rank stops after the same step, then saves
     while trainer.iteration < a.train_iters:
         trainer.train_step(iterator)
         it = trainer.iteration
@@ -705,6 +707,10 @@ def train(trainer: Trainer) -> None:
             stats, loss = trainer.evaluate(trainer.valid_rows, a.eval_iters)
             trainer.log("eval", stats, loss, it)
         if a.exit_interval and it % a.exit_interval == 0:
+            break
+        if stop.agreed():
+            if trainer.rank == 0:
+                print(f" iteration {it}: {stop.describe()}", flush=True)
             break
         if a.save and a.save_interval and it % a.save_interval == 0 and it < a.train_iters:
             trainer.save()

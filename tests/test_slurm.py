@@ -1,0 +1,271 @@
+"""Slurm submission on a real Slurm cluster (Debian's packages, started by tests/_slurm_cluster.py: one controller and
+two slurmd daemons, so 2-node jobs are real 2-node jobs with torchrun's c10d rendezvous across them).
+
+Without the packages these tests fail with the reason and the install line: a skipped Slurm test would hide a broken
+claim. Models and data are the tiny ones of the pretrain_gpt and inference tests.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from _infer_helpers import make_tiny_model, prompts, read_jsonl, reference, write_jsonl
+from _pretrain_gpt_helpers import CHANNEL_RANGES, VOCAB, write_indexed
+from _slurm_cluster import ClusterError, SlurmCluster
+from conftest import make_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = SlurmCluster()
+    try:
+        try:
+            c.start()
+        except ClusterError as e:
+            pytest.fail(f"cannot start the test Slurm cluster: {e}", pytrace=False)
+        yield c
+    finally:
+        c.stop()
+        assert not c.left_over, f"Slurm daemons still running after stop: {c.left_over}"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("slurm_work")
+
+
+def launch(cluster: SlurmCluster, cwd, *args: str) -> subprocess.CompletedProcess:
+    """`python -m launch ...` as a user runs it on the login node (Slurm's client talks to the test cluster)."""
+    env = dict(cluster.env, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def submitted(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return re.findall(r"submitted job (\d+)", proc.stdout)
+
+
+def read_log(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def status_lines(log_dir, job_id: str) -> list[str]:
+    paths = glob.glob(os.path.join(str(log_dir), f"*-{job_id}.status"))
+    return open(paths[0]).read().split("\n")[:-1] if paths else []
+
+
+def scalar_events(tb_dir: str, tag: str) -> list[int]:
+    """Every step written for `tag` in every event file (a step written twice appears twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for path in glob.glob(os.path.join(tb_dir, "**", "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return sorted(steps)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+ITERS = 120
+
+
+def test_pretrain_gpt_on_two_nodes_preempted_requeued_resumed_and_converted(cluster, work):
+    """A 2-node pretrain_gpt job (one rank per node, c10d rendezvous across the two slurmd) gets Slurm's warning
+    signal mid-run: the ranks save at the same step, the job requeues itself, the second run resumes from that
+    checkpoint and finishes. Every step 1..ITERS is logged exactly once across both runs, the final checkpoint
+    counts ITERS x batch samples, and the converters read it back into a Hugging Face model that loads."""
+    from checkpoint_tools.pickle_trust import load_torch_file
+    from megatron_bridge.convert import ConvertOptions, hf_to_megatron, megatron_to_hf
+    from transformers import LlamaForCausalLM
+
+    root = work / "pretrain"
+    hf = make_llama(str(root / "hf"), vocab_size=VOCAB, max_position_embeddings=64)
+    start = hf_to_megatron(hf, str(root / "mg"), ConvertOptions(progress=False))
+    blend = []
+    for i, c in enumerate(CHANNEL_RANGES):
+        blend += ["1", write_indexed(str(root / c), c, docs=30, seed=i)]
+    args = ["pretrain_gpt", "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "1",
+            "--load", start, "--data-path", *blend, "--split", "100,0,0", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "1e-3",
+            "--log-interval", "1", "--eval-iters", "0", "--data-cache-path", "cache", "--tensorboard-dir", "tb",
+            "--save", "save"]
+
+    dry = launch(cluster, root, "submit", *args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    script = dry.stdout
+    # The rendezvous a 2-node torchrun needs, from Slurm's environment, evaluated on each node.
+    for needed in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "srun --ntasks-per-node=1",
+                   '--nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID"', "--nproc-per-node 1",
+                   '--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"', '--rdzv-id "$SLURM_JOB_ID"',
+                   'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                   '$(( 20000 + SLURM_JOB_ID % 20000 ))', "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue",
+                   "--exit-signal-handler --exit-signal SIGUSR1", "LOAD=(--load save)"):
+        assert needed in script, needed
+
+    (job_id,) = submitted(launch(cluster, root, "submit", *args))
+    log_dir = root / "slurm_logs"
+    log = str(log_dir / f"wb-pretrain_gpt-{job_id}.out")
+    # What ran is exactly what --dry-run printed (Slurm keeps the submitted script).
+    stored = cluster.run("scontrol", "write", "batch_script", job_id, "-").stdout
+    assert stored == script
+
+    wait_for(lambda: os.path.exists(log) and re.search(r"iteration\s+3/", read_log(log)), 240, "iteration 3")
+    # What Slurm does --signal seconds before the time limit: SIGUSR1 to the batch script only.
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    wait_for(lambda: status_lines(log_dir, job_id), 120, "the first run's status line")
+    info = cluster.wait(job_id, timeout=300)
+    text = read_log(log)
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert info["Restarts"] == "1" and info["NodeList"] == "wbn[1-2]", info
+    assert status_lines(log_dir, job_id) == ["run=1 exit=0 state=REQUEUED", "run=2 exit=0 state=COMPLETED"], text
+
+    stopped = int(re.search(r"iteration (\d+): received SIGUSR1: saving and exiting", text).group(1))
+    assert 3 <= stopped < ITERS, text[-3000:]
+    assert f"saved checkpoint at iteration {stopped} to save" in text
+    assert f"resumed at iteration {stopped} ({stopped * 4} samples consumed)" in text
+    # Nothing lost, nothing repeated: each step's loss written once, over the two runs.
+    assert scalar_events(str(root / "tb"), "lm loss") == list(range(1, ITERS + 1))
+    with open(root / "save" / "latest_checkpointed_iteration.txt") as f:
+        assert f.read().strip() == str(ITERS)
+    saved = load_torch_file(str(root / "save" / f"iter_{ITERS:07d}" / "mp_rank_00" / "model_optim_rng.pt"))
+    assert saved["args"].consumed_train_samples == ITERS * 4 and saved["args"].world_size == 2
+
+    back = megatron_to_hf(str(root / "save"), str(root / "hf_back"), ConvertOptions(progress=False))
+    model, loading = LlamaForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    trained = dict(model.named_parameters())
+    original = dict(LlamaForCausalLM.from_pretrained(hf).named_parameters())
+    assert not torch.equal(trained["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+
+
+# --------------------------------------------------------------------------------------------------- inference
+
+def test_infer_on_two_nodes_then_dependent_merge_in_input_order(cluster, work):
+    """infer with one task per node (each node every other line), then the merge job (afterok) writes the output:
+    every line once, in input order, each equal to single-process generate()."""
+    root = work / "infer"
+    root.mkdir()
+    model = make_tiny_model(str(root / "model"))
+    rows = prompts(10)
+    data = write_jsonl(str(root / "in.jsonl"), rows)
+    proc = launch(cluster, root, "submit", "infer", model, data, "out.jsonl", "--max-new-tokens", "4",
+                  "--no-progress", "--nodes", "2")
+    job_id, merge_id = submitted(proc)
+    assert f"after job {job_id}" in proc.stdout
+    assert cluster.job(merge_id)["Dependency"].startswith(f"afterok:{job_id}")
+    infer_info = cluster.wait(job_id, timeout=300)
+    merge_info = cluster.wait(merge_id, timeout=120)
+    logs = "".join(read_log(p) for p in glob.glob(str(root / "slurm_logs" / "*.out")))
+    assert infer_info["JobState"] == "COMPLETED" and infer_info["NodeList"] == "wbn[1-2]", logs[-3000:]
+    assert merge_info["JobState"] == "COMPLETED", logs[-3000:]
+    assert "infer-merge: wrote" in logs
+    parts = sorted(os.path.basename(p).split(".")[0] for p in glob.glob(str(root / "out.jsonl.parts" / "n*.jsonl")))
+    assert {p for p in parts} == {"n0", "n1"}, parts  # both nodes did a share
+    out = read_jsonl(str(root / "out.jsonl"))
+    expected = reference(model, rows, max_new_tokens=4)
+    assert [r["id"] for r in out] == [e["id"] for e in expected]
+    assert [(r["output"], r["output_tokens"]) for r in out] == [(e["output"], e["output_tokens"]) for e in expected]
+
+
+# -------------------------------------------------------------------------------------------------- conversion
+
+def test_convert_job_completes_and_round_trips(cluster, work):
+    """A conversion job (HF -> Megatron TP=2) completes; converted back here, every tensor equals the source's."""
+    from megatron_bridge.convert import ConvertOptions, megatron_to_hf
+    from safetensors.torch import load_file
+
+    root = work / "convert"
+    hf = make_llama(str(root / "hf"))
+    (job_id,) = submitted(launch(cluster, root, "submit", "convert", hf, "mg_tp2", "--tp", "2", "--no-progress"))
+    info = cluster.wait(job_id, timeout=240)
+    assert info["JobState"] == "COMPLETED", read_log(str(root / "slurm_logs" / f"wb-convert-{job_id}.out"))
+    assert sorted(os.listdir(root / "mg_tp2" / "release")) == ["mp_rank_00", "mp_rank_01"]
+    back = megatron_to_hf(str(root / "mg_tp2"), str(root / "back"), ConvertOptions(progress=False))
+    a, b = load_file(os.path.join(hf, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+def _queue(cluster) -> str:
+    return cluster.run("squeue", "-h", "-o", "%i %j").stdout
+
+
+def test_refusals_leave_nothing_submitted(cluster, work, monkeypatch, capsys):
+    """Slurm's refusal (unknown partition, more nodes than the cluster has) is shown as Slurm said it; a layout
+    that cannot fit is refused before Slurm is asked; in every case no job is queued and none is recorded."""
+    root = work / "refused"
+    root.mkdir()
+    (root / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    (root / "model").mkdir()
+    before = _queue(cluster)
+    cases = [
+        (["infer", "model", "in.jsonl", "out.jsonl", "--partition", "nope"], "invalid partition specified: nope"),
+        (["convert", "hf", "mg", "--partition", "debug", "--mem", "999G"],
+         "Requested node configuration is not available"),
+        (["convert", "hf", "mg", "--gpus-per-node", "8"], "Invalid generic resource (gres) specification"),
+        (["infer", "model", "in.jsonl", "out.jsonl", "--nodes", "3"], "Requested node configuration is not available"),
+        (["convert", "hf", "mg", "--cpus-per-task", "64"], "Requested node configuration is not available"),
+        (["pretrain_gpt", "--tp", "2", "--pp", "2", "--nodes", "1", "--nproc-per-node", "2", "--seq-length", "8",
+          "--save", "s"], "TP=2 x PP=2 = 4 does not divide the 2 ranks of 1 node(s) x 2 process(es) per node; "
+                          "use TP x PP in [1, 2]"),
+        (["pretrain_gpt", "--seq-length", "8", "--nodes", "1"], "pretrain_gpt on Slurm needs --save"),
+        (["pretrain_gpt", "--seq-lenght", "8", "--save", "s"], "refused by its own parser"),
+        (["convert", "hf", "mg", "--nodes", "2"], "convert runs on one node"),
+        (["infer", "model", "in.jsonl", "out.jsonl", "--node-rank", "1"], "takes its node count and rank from Slurm"),
+        (["train", "x"], "unknown JOB 'train'"),
+    ]
+    from launch import slurm
+
+    monkeypatch.chdir(root)  # in-process (a subprocess per case costs seconds of imports): same code, same Slurm
+    monkeypatch.setenv("SLURM_CONF", cluster.conf)
+    for args, message in cases:
+        code = slurm.main(["submit", *args])
+        out, err = capsys.readouterr()
+        assert code == 2, (args, out, err)
+        assert message in err, (args, err)
+        error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(error_lines) == 1, err
+    assert _queue(cluster) == before
+    assert not os.path.exists(root / "slurm_logs" / "jobs.jsonl")
+
+
+def test_jobs_shows_a_failed_job_with_its_exit_code_and_log(cluster, work):
+    """A job that fails (a conversion of a folder that does not exist) is listed as FAILED with its exit code and
+    the last lines of its log, the converter's own error among them."""
+    root = work / "failing"
+    root.mkdir()
+    (job_id,) = submitted(launch(cluster, root, "submit", "convert", "no_such_model", "out", "--no-progress"))
+    info = cluster.wait(job_id, timeout=120)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    proc = launch(cluster, root, "jobs")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(job_id))
+    assert row.split()[1:5] == ["convert", "FAILED", "1", "2"], proc.stdout
+    assert f"== job {job_id} (convert) failed with exit code 2" in proc.stdout
+    assert "no_such_model" in proc.stdout.split(f"== job {job_id}")[1]

@@ -13,7 +13,9 @@ setup(
     # bare `torch` requirement would let pip pull a multi-GB CUDA build on a CPU-only machine.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16,<0.17",
+        # 0.16 on Python 3.11 (the default install); 0.17-0.19 need Python >= 3.12 and write torch_dist
+        # checkpoints without common.pt, which torch_dist_format reads as well.
+        "megatron-core>=0.16,<0.20",
         "transformers>=4.46",
         "safetensors>=0.4",
         "numpy",

@@ -7,9 +7,14 @@
         .metadata                  DCP index of every tensor shard (a plain pickle)
         __R_I.distcp               tensor data written by rank R, and byte objects (torch.save payloads)
 
-Every pickle here (common.pt, .metadata, each byte object) passes checkpoint_tools.pickle_trust before anything
-unpickles it: `validate` vets them all, and `dist_load` vets, then lets megatron-core load with our copy of
-common.pt (megatron-core and PyTorch DCP would otherwise unpickle .metadata and byte objects without limits).
+The common state (args, checkpoint_version, iteration, ...) has two layouts: megatron-core up to 0.16 writes
+`common.pt`; 0.17 and later write no common.pt and keep it as a sharded object `common_state` instead, a byte
+object inside a .distcp file (`torch.save([common])`) that the index locates. `read_common` reads either.
+
+Every pickle here (common.pt, .metadata, each byte object, common_state included) passes
+checkpoint_tools.pickle_trust before anything unpickles it: `validate` vets them all, and `dist_load` vets, then
+lets megatron-core load with our copy of the common state (megatron-core and PyTorch DCP would otherwise unpickle
+.metadata and byte objects without limits).
 
 Tensors are stored by global, layout-free keys (layers stacked on a leading axis), so a checkpoint saved at one
 TP/PP is loaded at another: megatron-core reshards at load. Saving and loading therefore run inside real
@@ -21,12 +26,16 @@ import json
 import os
 from typing import Optional
 
-from checkpoint_tools.pickle_trust import (PolicyLike, load_pickle_file, load_torch_file, scan_torch_bytes,
-                                           trust_policy)
+from checkpoint_tools.pickle_trust import (PolicyLike, load_pickle_file, load_torch_bytes, load_torch_file,
+                                           scan_torch_bytes, trust_policy)
 from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.legacy_format import TRACKER, iteration_dir_name, read_tracker
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # as Megatron-LM writes
+COMMON_FILE = "common.pt"  # megatron-core <= 0.16
+# megatron-core >= 0.17: ShardedObject("common_state", data, global_shape=(1,), global_offset=(0,)), whose DCP key
+# is its unique_key "<key>/shard_<offset>_<shape>".
+COMMON_STATE_KEY = "common_state/shard_0_1"
 
 
 def iteration_dir(root: str) -> str:
@@ -51,10 +60,52 @@ def read_dcp_metadata(root: str, policy: PolicyLike = None):
 
 
 def read_common(root: str, policy: PolicyLike = None) -> dict:
-    path = os.path.join(iteration_dir(root), "common.pt")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} is missing: an incomplete torch_dist checkpoint")
-    return load_torch_file(path, policy, mmap=False)
+    """The common state dict (args, checkpoint_version, iteration, ...) from common.pt or, written by
+    megatron-core 0.17 and later, from the `common_state` byte object; vetted by the policy, loaded weights-only."""
+    it_dir = iteration_dir(root)
+    if os.path.exists(os.path.join(it_dir, COMMON_FILE)):
+        return load_torch_file(os.path.join(it_dir, COMMON_FILE), policy, mmap=False)
+    return _common_from_shards(it_dir, read_dcp_metadata(root, policy), policy)
+
+
+def _common_from_shards(it_dir: str, md, policy: PolicyLike = None) -> dict:
+    """The `common_state` byte object: read by its byte range in the .distcp file the index names, scanned, then
+    loaded weights-only. PyTorch DCP is never asked to load it (it would unpickle it without limits)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    found = [(i, info) for i, info in (md.storage_data or {}).items() if i.fqn == COMMON_STATE_KEY]
+    if not found:
+        raise CheckpointError(f"{it_dir}: neither {COMMON_FILE} (megatron-core <= 0.16) nor a {COMMON_STATE_KEY!r} "
+                              f"object in .metadata (megatron-core >= 0.17): an incomplete torch_dist checkpoint")
+    if len(found) > 1 or not isinstance(md.state_dict_metadata.get(COMMON_STATE_KEY), BytesStorageMetadata):
+        raise CheckpointError(f"{it_dir}: .metadata describes {COMMON_STATE_KEY!r} as {len(found)} entries of "
+                              f"{type(md.state_dict_metadata.get(COMMON_STATE_KEY)).__name__}; megatron-core "
+                              f"writes one byte object")
+    info = found[0][1]
+    path = os.path.join(it_dir, info.relative_path)
+    where = f"{path} (byte object {COMMON_STATE_KEY!r})"
+    data = _read_byte_object(path, info, where)
+    common = load_torch_bytes(data, where, policy)
+    if not (isinstance(common, list) and len(common) == 1 and isinstance(common[0], dict)):
+        raise CheckpointError(f"{where}: holds {type(common).__name__}, not the [common state dict] megatron-core "
+                              f"saves")
+    return common[0]
+
+
+def _read_byte_object(path: str, info, where: str) -> bytes:
+    """The raw bytes of one byte object (exactly `info.length` at `info.offset`), refusing transforms."""
+    if getattr(info, "transform_descriptors", None):
+        raise CheckpointError(f"{where}: stored through transforms {info.transform_descriptors}; such an "
+                              f"object cannot be vetted before PyTorch unpickles it, so it is refused")
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot be read ({e})") from None
+    if len(data) != info.length:
+        raise CheckpointError(f"{where}: truncated ({len(data)} of {info.length} bytes at offset {info.offset})")
+    return data
 
 
 def vet_byte_objects(root: str, md, policy: PolicyLike = None) -> int:
@@ -68,20 +119,17 @@ def vet_byte_objects(root: str, md, policy: PolicyLike = None) -> int:
     for index, info in (md.storage_data or {}).items():
         if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             continue
-        where = f"{os.path.join(it_dir, info.relative_path)} (byte object {index.fqn!r})"
-        if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{where}: stored through transforms {info.transform_descriptors}; such an "
-                                  f"object cannot be vetted before PyTorch unpickles it, so it is refused")
-        with open(os.path.join(it_dir, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            scan_torch_bytes(f.read(info.length), where, policy)
+        path = os.path.join(it_dir, info.relative_path)
+        where = f"{path} (byte object {index.fqn!r})"
+        scan_torch_bytes(_read_byte_object(path, info, where), where, policy)
         count += 1
     return count
 
 
 def validate(root: str, policy: PolicyLike = None) -> dict:
     """Check that every file the index names exists and is long enough and that every pickle in the checkpoint
-    (common.pt, .metadata, byte objects) passes the trust policy; return the common state dict."""
+    (common.pt or the common_state object, .metadata, byte objects) passes the trust policy; return the common
+    state dict."""
     it_dir = iteration_dir(root)
     with open(os.path.join(it_dir, "metadata.json")) as f:
         meta = json.load(f)
@@ -89,7 +137,8 @@ def validate(root: str, policy: PolicyLike = None) -> dict:
         raise CheckpointError(f"{it_dir}: sharded_backend={meta.get('sharded_backend')!r}; only torch_dist is supported")
     if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
         raise CheckpointError(f"{it_dir}: holds both torch_dist files and legacy mp_rank_* folders; separate them")
-    common = read_common(root, policy)
+    has_file = os.path.exists(os.path.join(it_dir, COMMON_FILE))
+    common = load_torch_file(os.path.join(it_dir, COMMON_FILE), policy, mmap=False) if has_file else None
     md = read_dcp_metadata(root, policy)
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
@@ -103,6 +152,8 @@ def validate(root: str, policy: PolicyLike = None) -> dict:
             problems.append(f"{rel} is truncated ({os.path.getsize(p)} < {end} bytes)")
     if problems:
         raise CheckpointError(f"{it_dir}: " + "; ".join(problems))
+    if common is None:
+        common = _common_from_shards(it_dir, md, policy)
     vet_byte_objects(root, md, policy)
     return common
 
@@ -121,17 +172,29 @@ def tensor_index(root: str, policy: PolicyLike = None) -> dict[str, tuple[tuple[
 
 def dist_load(sharded_state_dict: dict, root: str, policy: PolicyLike = None) -> dict:
     """megatron.core.dist_checkpointing.load of a vetted checkpoint: every pickle passes the policy first (in this
-    process, right before megatron-core reads the files), and common.pt is handed over already loaded, so
-    megatron-core never unpickles it itself."""
+    process, right before megatron-core reads the files), and the common state is handed over already loaded, so
+    megatron-core never unpickles it itself (whichever layout holds it)."""
     import copy
+    import inspect
 
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
     common = validate(root, trust_policy(policy))
+    it_dir = iteration_dir(root)
 
-    class VettedCommon(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            return copy.deepcopy(common)  # megatron-core merges loaded state into it
+    if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:  # megatron-core <= 0.16
+        class VettedCommon(TorchCommonLoadStrategy):
+            def load_common(self, checkpoint_dir):
+                return copy.deepcopy(common)  # megatron-core merges loaded state into it
 
-    return dist_checkpointing.load(sharded_state_dict, iteration_dir(root), common_strategy=VettedCommon())
+        return dist_checkpointing.load(sharded_state_dict, it_dir, common_strategy=VettedCommon())
+    # megatron-core >= 0.17 takes no common strategy: `load` calls serialization.load_common_state_dict, which
+    # would hand common_state to DCP; our vetted copy stands in for it during this call.
+    own = serialization.load_common_state_dict
+    serialization.load_common_state_dict = lambda checkpoint_dir: copy.deepcopy(common)
+    try:
+        return dist_checkpointing.load(sharded_state_dict, it_dir)
+    finally:
+        serialization.load_common_state_dict = own

@@ -3,6 +3,10 @@
 Tensor names are Hugging Face Llama's (``model.layers.{i}.self_attn.q_proj.weight`` ...), so the Llama family is
 an identity table and every other family is a short rename/pack table. The config is a flat dataclass carrying
 the options real families need; anything a family cannot express in it is refused by that family's table.
+
+The decoder ends in one of two heads (`task`): the LM head (``lm_head.weight``, next-token logits), or a score head
+(``score.weight`` [num_labels, hidden]) on the last attended token, which is how `transformers`' and TRL's reward
+models (`*ForSequenceClassification`, num_labels=1) are stored; such a checkpoint has no LM head.
 """
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ import torch
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+SCORE = "score.weight"
+# What the final hidden states feed: next-token logits, or a score head (reward model / sequence classifier).
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "causal_lm", "sequence_classification"
+TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
 
 # Per-layer canonical tensors; `{i}` is the global layer index. Optional ones exist only when the config says so.
 LAYER_TENSORS = {
@@ -68,7 +76,10 @@ class CanonicalConfig:
     dtype: str = "float32"
     bos_token_id: Any = None
     eos_token_id: Any = None
-    pad_token_id: Any = None
+    pad_token_id: Any = None  # a sequence classifier in transformers needs it to find each row's last token
+    # The head: "causal_lm" (lm_head), or "sequence_classification" (score [num_labels, hidden], no lm_head).
+    task: str = CAUSAL_LM
+    num_labels: Optional[int] = None  # set exactly when task is sequence_classification
     # What the table does not model but must survive a round trip (e.g. the source config's own keys).
     extra: dict = field(default_factory=dict)
 
@@ -81,6 +92,16 @@ class CanonicalConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r}: the canonical decoder's gated MLP supports "
                              f"{list(ACTIVATIONS)} only")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: the canonical decoder ends in one of {list(TASKS)}")
+        if self.is_classifier != (isinstance(self.num_labels, int) and self.num_labels >= 1):
+            raise ValueError(f"num_labels={self.num_labels!r} with task={self.task!r}: a sequence classifier needs "
+                             f"num_labels >= 1, a causal LM none")
+
+    @property
+    def is_classifier(self) -> bool:
+        """True when the model ends in a score head (reward model) instead of the LM head."""
+        return self.task == SEQUENCE_CLASSIFICATION
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -118,7 +139,9 @@ def expected_tensor_names(cfg: CanonicalConfig) -> list[str]:
     for i in range(cfg.num_layers):
         names += list(layer_tensor_names(cfg, i).values())
     names.append(FINAL_NORM)
-    if not cfg.tie_word_embeddings:
+    if cfg.is_classifier:
+        names.append(SCORE)
+    elif not cfg.tie_word_embeddings:
         names.append(LM_HEAD)
     return names
 
@@ -135,8 +158,10 @@ def expected_shapes(cfg: CanonicalConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.num_layers):
         for role, name in layer_tensor_names(cfg, i).items():
             shapes[name] = by_role[role]
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings or cfg.is_classifier:
         del shapes[LM_HEAD]
+    if cfg.is_classifier:
+        shapes[SCORE] = (cfg.num_labels, h)
     return shapes
 
 

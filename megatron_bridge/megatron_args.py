@@ -217,6 +217,12 @@ def llama3_rope_scaling_factor(cfg: CanonicalConfig) -> Optional[float]:
 def args_from_canonical(cfg: CanonicalConfig, *, tp: int = 1, pp: int = 1, vpp: int = 1,
                         make_vocab_size_divisible_by: int = 128, transformer_impl: str = "local",
                         seq_length: Optional[int] = None) -> argparse.Namespace:
+    if cfg.is_classifier:
+        # GPTModel ends in the LM head (output_layer); a score head would have to be dropped or invented
+        raise ValueError(
+            f"this is a sequence-classification (reward) model (score.weight [{cfg.num_labels}, {cfg.hidden_size}], "
+            f"no lm_head); Megatron's GPTModel has no such head, so nothing was written. Keep it in Hugging Face form "
+            f"(--to workbench, llama, qwen2, ...), or train from the causal LM checkpoint it came from")
     a = argparse.Namespace(**FIXED_ARGS, **ACTIVATION_ARGS[cfg.hidden_act])
     for f in CONFIG_TABLE:
         v = getattr(cfg, f.canonical)

@@ -225,14 +225,3 @@ def test_pairwise_loss_decreases_and_the_head_survives_save_load(tiny_wb, tmp_pa
     assert torch.equal(back.score.weight, rm.score.weight)
     with torch.no_grad():
         assert torch.equal(back(*chosen).logits, rm(*chosen).logits)
-
-
-def test_a_reward_checkpoint_is_refused_by_the_converters_naming_the_head(tiny_wb, tmp_path):
-    """The canonical form has no place for a score head yet: converting one says so and writes nothing."""
-    from checkpoint_tools.safetensors_io import CheckpointError
-    rm = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_wb, num_labels=1)
-    src, dst = str(tmp_path / "rm"), str(tmp_path / "out")
-    rm.save_pretrained(src)
-    with pytest.raises(CheckpointError, match=r"tensors no workbench mapping knows .*\['score.weight'\]"):
-        convert_family(src, dst, "llama", progress=False)
-    assert not os.path.exists(dst)

@@ -3,6 +3,8 @@
     ConfigField     one pair, with its default, value converters and other spellings
     fields_without  a copy of a table without some keys (families start from Llama's)
     rope_from_hf / rope_to_hf   the rotary keys every family spells the same way (transformers 4.x and 5.x)
+    head_from_hf / labels_to_hf the head every family spells the same way: `architectures` (…ForCausalLM or
+                    …ForSequenceClassification) and the label count transformers derives from `id2label`
     COMMON_KEYS, CARRY_KEYS, FEATURES   keys every family knows, keys carried across families, and the canonical
                     fields a target family must reproduce (with the words its refusal uses)
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from checkpoint_tools.canonical import CanonicalConfig
+from checkpoint_tools.canonical import CAUSAL_LM, SEQUENCE_CLASSIFICATION, CanonicalConfig
 
 _MISSING = object()
 
@@ -21,7 +23,7 @@ COMMON_KEYS = frozenset({
     "transformers_version", "_name_or_path", "initializer_range", "use_cache", "output_hidden_states",
     "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
     "is_encoder_decoder", "attention_dropout", "auto_map", "quantization_config", "_model_name_or_path",
-    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "num_labels",
 })
 
 # Bookkeeping keys worth keeping when a config moves to another family (they mean the same everywhere).
@@ -42,7 +44,30 @@ FEATURES = {
     "rope_theta": "the rotary base (rope_theta)", "rope_scaling": "rope scaling",
     "tie_word_embeddings": "tied input/output embeddings", "qk_norm": "per-head q/k RMSNorm (qk_norm)",
     "hidden_act": "the MLP activation (hidden_act)",
+    "task": "a sequence-classification (reward) head", "num_labels": "the score head's label count (num_labels)",
 }
+
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+# transformers' PreTrainedConfig: a config without id2label (nor num_labels) has two labels.
+DEFAULT_NUM_LABELS = 2
+
+
+def head_from_hf(hf: dict) -> tuple[str, Optional[int]]:
+    """(task, num_labels): a `…ForSequenceClassification` architecture ends in a score head whose label count is
+    `len(id2label)`, as transformers derives it (else `num_labels`, else 2)."""
+    if not any(str(a).endswith(CLASSIFIER_SUFFIX) for a in hf.get("architectures") or []):
+        return CAUSAL_LM, None
+    labels = hf.get("id2label")
+    return SEQUENCE_CLASSIFICATION, len(labels) if labels else int(hf.get("num_labels", DEFAULT_NUM_LABELS))
+
+
+def labels_to_hf(cfg: CanonicalConfig, hf: dict) -> dict:
+    """id2label/label2id to add to `hf` so it says `cfg.num_labels` (nothing when it already does: labels carried
+    from the source keep their names)."""
+    if not cfg.is_classifier or head_from_hf({**hf, "architectures": ["X" + CLASSIFIER_SUFFIX]})[1] == cfg.num_labels:
+        return {}
+    return {"id2label": {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(cfg.num_labels)}}
 
 
 def rope_from_hf(hf: dict) -> tuple[float, Optional[dict]]:

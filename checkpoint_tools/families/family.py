@@ -8,6 +8,9 @@ Writing a family (`Family.plan_write`) first proves the family can express the m
 back through the same table and compared field by field, so a feature the family lacks is refused by name, never
 approximated. Biases are the one thing filled or dropped: a bias the family has but the model lacks is written as
 zeros; a bias the model has but the family lacks must be zero, else the conversion is refused.
+
+A reward model (a `…ForSequenceClassification` checkpoint: `score.weight` instead of `lm_head.weight`) converts
+between the families that name a `classifier` class; the others refuse it by name, reading or writing.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch
 
 from checkpoint_tools.canonical import (EMBED, LM_HEAD, CanonicalConfig, TensorSource, expected_shapes,
                                         expected_tensor_names)
-from checkpoint_tools.families.config_table import (CARRY_KEYS, COMMON_KEYS, FEATURES, ConfigField, rope_from_hf,
+from checkpoint_tools.families.config_table import (CARRY_KEYS, CLASSIFIER_SUFFIX, COMMON_KEYS, FEATURES,
+                                                    ConfigField, head_from_hf, labels_to_hf, rope_from_hf,
                                                     rope_to_hf)
 from checkpoint_tools.families.mappings import Ctx, EmbeddingHead, Link, Mapping, Rename
 
@@ -96,6 +100,20 @@ class Family:
     finish_config: Optional[Callable[[dict, dict], None]] = None
     # Other names the family answers to (`--to qwen`, `trans_qwen_to_llama`).
     aliases: tuple[str, ...] = ()
+    # The family's sequence-classification class in transformers (a reward model: `score.weight`, num_labels=1 in
+    # TRL), whose tensors are the causal LM's with `score.weight` for `lm_head.weight`; None: it has none, and a
+    # score head is refused by name.
+    classifier: Optional[str] = None
+
+    def refuse_classifier(self, num_labels, hidden_size, reading: bool) -> None:
+        from checkpoint_tools.families import FAMILIES  # the registry imports this module
+
+        able = sorted(f.model_type for f in FAMILIES.values() if f.classifier)
+        doing = "read as" if reading else "written as"
+        raise ValueError(
+            f"a sequence-classification (reward) model (score.weight [{num_labels}, {hidden_size}]) cannot be "
+            f"{doing} {self.model_type}: {self.architecture} has no {CLASSIFIER_SUFFIX} counterpart in transformers; "
+            f"nothing was converted (families with one: {', '.join(able)})")
 
     # ---- config ----
     def known_keys(self) -> set:
@@ -125,22 +143,31 @@ class Family:
                 v = f.default(hf) if callable(f.default) else f.default
             values[f.canonical_key] = f.read(v)
         values.update(self.constants)
+        values["task"], values["num_labels"] = head_from_hf(hf)
+        if values["num_labels"] is not None and not self.classifier:
+            self.refuse_classifier(values["num_labels"], values.get("hidden_size"), reading=True)
         values["rope_theta"], values["rope_scaling"] = rope_from_hf(hf) if self.rope_keys else (10000.0, None)
         values["dtype"] = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
         if self.finish_config:
             self.finish_config(values, hf)
         cfg = CanonicalConfig(**values)
         emb = self.embedding()
-        if emb is not None and cfg.tie_word_embeddings and not emb.trivial(Ctx(cfg, hf)):
+        if emb is not None and cfg.tie_word_embeddings and not cfg.is_classifier and not emb.trivial(Ctx(cfg, hf)):
             cfg.tie_word_embeddings = False  # the folds make embedding and head two different tensors
         cfg.validate()
         return cfg
 
-    def config_from_canonical(self, cfg: CanonicalConfig, base: Optional[dict] = None) -> dict:
-        """The HF config dict for `cfg`, written over `base` (the source config recorded at import) if given."""
+    def config_from_canonical(self, cfg: CanonicalConfig, base: Optional[dict] = None,
+                              carry: Optional[dict] = None) -> dict:
+        """The HF config dict for `cfg`, written over `base` (the source config recorded at import) if given;
+        `carry` is another family's config, of which only the bookkeeping CARRY_KEYS (labels included) are kept."""
         out = dict(base or {})
         out["model_type"] = self.model_type
-        out["architectures"] = (base or {}).get("architectures") or [self.architecture]
+        if cfg.is_classifier and not self.classifier:
+            self.refuse_classifier(cfg.num_labels, cfg.hidden_size, reading=False)
+        recorded = (base or {}).get("architectures")
+        same_head = recorded and head_from_hf({"architectures": recorded})[0] == cfg.task
+        out["architectures"] = recorded if same_head else [self.classifier if cfg.is_classifier else self.architecture]
         written: dict[str, Any] = {}
         for f in self.config_fields:
             if f.hf_key is None:
@@ -168,6 +195,9 @@ class Family:
             out.update(rope_to_hf(cfg, base, legacy=self.legacy_config))
         legacy_dtype = ("torch_dtype" in out or (base is None and self.legacy_config)) and "dtype" not in out
         out["torch_dtype" if legacy_dtype else "dtype"] = cfg.dtype
+        for k in CARRY_KEYS & set(carry or {}):
+            out.setdefault(k, carry[k])
+        out.update(labels_to_hf(cfg, out))
         return out
 
     def widen(self, cfg: CanonicalConfig) -> CanonicalConfig:
@@ -216,11 +246,10 @@ class Family:
         if self.check_canonical:
             self.check_canonical(cfg)
         cfg_w = self.widen(cfg)
-        hf = self.config_from_canonical(cfg_w, base)
-        for k in CARRY_KEYS & set(carry or {}):
-            hf.setdefault(k, carry[k])
+        hf = self.config_from_canonical(cfg_w, base, carry)
         emb = self.embedding()
-        folded = emb is not None and not emb.trivial(Ctx(cfg_w, hf))
+        # a classifier has no output head to tie: its embedding folds alone
+        folded = emb is not None and not cfg.is_classifier and not emb.trivial(Ctx(cfg_w, hf))
         if folded:
             # Tie when one tensor folds to both canonical tensors (and the recorded source was tied, if any).
             embed_c = source.get(EMBED)

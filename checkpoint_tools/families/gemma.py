@@ -11,7 +11,7 @@ head. Bidirectional attention (`use_bidirectional_attention`) is refused.
 """
 import torch
 
-from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L
+from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L, SCORE
 from checkpoint_tools.families import llama
 from checkpoint_tools.families.config_table import ConfigField, fields_without
 from checkpoint_tools.families.family import Family
@@ -37,6 +37,7 @@ NORMS = ("input_norm", "post_attn_norm")
 FAMILY = Family(
     model_type="gemma",
     architecture="GemmaForCausalLM",
+    classifier="GemmaForSequenceClassification",
     config_fields=[*fields_without(llama.CONFIG, "mlp_bias", "hidden_act", "tie_word_embeddings"),
                    ConfigField("hidden_act", "hidden_act", default="gelu_pytorch_tanh",
                                to_canonical=lambda v: "gelu_pytorch_tanh" if v == "gelu" else v),
@@ -44,6 +45,7 @@ FAMILY = Family(
     tensors=[
         EmbeddingHead(embed_fold=scale_by(_embed_scale)),
         Rename(FINAL_NORM, FINAL_NORM, ONE_PLUS),
+        Rename(SCORE, SCORE),  # GemmaForSequenceClassification: a plain linear on the final (1 + w)-normed state
         *(Rename(L[r], L[r], ONE_PLUS) for r in NORMS),
         *(Rename(L[r], L[r]) for r in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "gate", "up",
                                        "down")),

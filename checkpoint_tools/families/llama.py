@@ -5,7 +5,7 @@ canonical ones. Llama ties q/k/v/o biases to one switch (`attention_bias`: a mod
 gets a zero o_proj bias) and has no q/k norm. `LlamaForCausalLM` runs any `hidden_act`, so Gemma's tanh-GELU gate
 is expressible here.
 """
-from checkpoint_tools.canonical import LAYER_TENSORS, CanonicalConfig, EMBED, FINAL_NORM, LM_HEAD
+from checkpoint_tools.canonical import LAYER_TENSORS, CanonicalConfig, EMBED, FINAL_NORM, LM_HEAD, SCORE
 from checkpoint_tools.families.config_table import ConfigField
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.mappings import Rename
@@ -43,13 +43,15 @@ CONFIG = [
     ConfigField("pad_token_id", "pad_token_id", default=None),
 ]
 
-# The identity table; Llama-named families (Mistral, Qwen2/3, InternLM3) reuse it.
-TENSORS = [Rename(n, n) for n in [EMBED, FINAL_NORM, LM_HEAD, *LAYER_TENSORS.values()]]
+# The identity table; Llama-named families (Mistral, Qwen2/3, InternLM3) reuse it. `score.weight` exists only in a
+# sequence-classification (reward) checkpoint, in place of lm_head.weight.
+TENSORS = [Rename(n, n) for n in [EMBED, FINAL_NORM, LM_HEAD, SCORE, *LAYER_TENSORS.values()]]
 DROP = (r"\.rotary_emb\.inv_freq$",)
 
 FAMILY = Family(
     model_type="llama",
     architecture="LlamaForCausalLM",
+    classifier="LlamaForSequenceClassification",
     config_fields=CONFIG,
     tensors=TENSORS,
     passthrough_keys=frozenset({"pretraining_tp", "max_sequence_length"}),  # the latter: Llama-1 configs, unread

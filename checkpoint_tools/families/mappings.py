@@ -226,6 +226,9 @@ class EmbeddingHead(Mapping):
     def links(self, ctx):
         tied_hf = bool(ctx.hf.get("tie_word_embeddings", False))
         fe, fh = self.embed_fold, self.head_fold
+        if ctx.cfg.is_classifier:  # a score head instead of the output head: the embedding alone, through its fold
+            return [Link((self.embed,), (EMBED,), lambda ts: [self._f(fe, ts[0], ctx)],
+                         lambda ts: [self._f(fe, ts[0], ctx, back=True)])]
         if ctx.cfg.tie_word_embeddings:  # identity folds: one tensor on both sides
             return [Link((self.embed,), (EMBED,), lambda ts: ts, lambda ts: ts)]
         if tied_hf:

@@ -11,6 +11,7 @@ from checkpoint_tools.families.family import Family
 FAMILY = Family(
     model_type="mistral",
     architecture="MistralForCausalLM",
+    classifier="MistralForSequenceClassification",
     config_fields=fields_without(llama.CONFIG, "attention_bias", "mlp_bias"),
     tensors=llama.TENSORS,
     own_keys={"sliding_window": None},  # MistralConfig defaults to 4096: write the absence of a window explicitly

@@ -7,7 +7,7 @@ No biases. `resid_pdrop`/`embd_pdrop` are dropout rates (no effect on weights or
 shorter than the context (Phi-3-mini-4k's 2047) and partial rotary (`partial_rotary_factor` < 1) are refused by
 name. LongRoPE scaling is carried to Llama (which runs it); Megatron has no LongRoPE and refuses it.
 """
-from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS as L, LM_HEAD
+from checkpoint_tools.canonical import EMBED, FINAL_NORM, LAYER_TENSORS as L, LM_HEAD, SCORE
 from checkpoint_tools.families import llama
 from checkpoint_tools.families.checks import refuse_sliding_window, rope_scaling_limited_to
 from checkpoint_tools.families.config_table import fields_without
@@ -34,9 +34,10 @@ def _finish(values: dict, hf: dict) -> None:
 FAMILY = Family(
     model_type="phi3",
     architecture="Phi3ForCausalLM",
+    classifier="Phi3ForSequenceClassification",
     config_fields=fields_without(llama.CONFIG, "attention_bias", "mlp_bias"),
     tensors=[
-        *(Rename(n, n) for n in (EMBED, FINAL_NORM, LM_HEAD, L["input_norm"], L["post_attn_norm"], L["o"],
+        *(Rename(n, n) for n in (EMBED, FINAL_NORM, LM_HEAD, SCORE, L["input_norm"], L["post_attn_norm"], L["o"],
                                  L["down"])),
         Fused("model.layers.{i}.self_attn.qkv_proj.weight", (L["q"], L["k"], L["v"])),
         Fused("model.layers.{i}.mlp.gate_up_proj.weight", (L["gate"], L["up"])),

@@ -12,6 +12,7 @@ from checkpoint_tools.families.family import Family
 FAMILY = Family(
     model_type="qwen2",
     architecture="Qwen2ForCausalLM",
+    classifier="Qwen2ForSequenceClassification",
     config_fields=fields_without(llama.CONFIG, "attention_bias", "mlp_bias"),
     tensors=llama.TENSORS,
     constants={"qkv_bias": True, "o_bias": False, "mlp_bias": False},

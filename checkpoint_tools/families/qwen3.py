@@ -11,6 +11,7 @@ from checkpoint_tools.families.family import Family
 FAMILY = Family(
     model_type="qwen3",
     architecture="Qwen3ForCausalLM",
+    classifier="Qwen3ForSequenceClassification",
     config_fields=fields_without(llama.CONFIG, "mlp_bias"),
     tensors=llama.TENSORS,
     constants={"qk_norm": True, "mlp_bias": False},

@@ -20,6 +20,7 @@ CONFIG = [
 FAMILY = Family(
     model_type="workbench",
     architecture="WorkbenchForCausalLM",
+    classifier="WorkbenchForSequenceClassification",
     config_fields=CONFIG,
     tensors=llama.TENSORS,
     passthrough_keys=frozenset({"attention_backend"}),

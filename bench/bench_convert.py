@@ -1,11 +1,28 @@
-"""Conversion speed and memory on real Llama shapes, against the I/O floor of copying the same bytes with `cp`.
+"""Conversion speed and memory on real Llama shapes, against the I/O floor of copying the same bytes.
 
-    python bench/bench_convert.py --sizes 1b,3b,7b --tp 2 --pp 1 [--work-dir DIR] [--keep]
+    python bench/bench_convert.py --sizes 1b,3b,7b --tp 2 --pp 1 --runs 3 [--work-dir DIR] [--keep]
+    python bench/bench_convert.py --sizes 70b --layers 2 --runs 3      # a 70B shape's tensors, 2 layers
 
-For each size it writes a random bf16 checkpoint of that shape (streamed, never whole in memory), then times
-`cp -r` of it, HF -> Megatron and Megatron -> HF through the project CLI in a subprocess, sampling the converter's
-resident memory (anonymous = what the converter holds; file = mapped checkpoint pages the kernel may drop).
-Targets: conversion <= 1.5x cp; peak anonymous RSS <= one output rank's shard + 1 GB, flat in model size.
+For each size it writes a random bf16 Hugging Face checkpoint of that shape (streamed, never whole in memory) and
+runs every direction through the project CLI in a subprocess, `--runs` times each:
+
+    bin->legacy    HF `pytorch_model-0000N-of-0000M.bin` shards + index (written by torch.save) -> legacy TPxPP
+    hf->legacy     HF safetensors -> legacy TPxPP
+    legacy->hf     legacy TPxPP -> HF safetensors
+    legacy->legacy legacy TPxPP -> legacy at --reshard (default TP1 PP2): merge and split again
+    hf->dist       HF safetensors -> torch_dist TPxPP
+    dist->hf       torch_dist -> HF safetensors
+
+Each is compared with two floors measured in the same run on its source folder: `cp -r` (an in-kernel
+copy_file_range here, which a converter whose bytes pass through user space cannot use) and a read/write copy
+through user space with 64 MB buffers (what any converter must do at least; the bar is 1.2x of it). Every timing
+runs until the bytes are on disk (`sync` after) and, when the bench may (root), starts from a cold page cache
+(`sync; echo 3 > /proc/sys/vm/drop_caches` before every run, copies and conversions alike); otherwise every run is
+preceded by a sync only and the header says so. Peak memory is summed over the whole process tree the command
+starts (the CLI and every worker it spawns), sampled from /proc every 20 ms: anonymous (what the converter holds)
+and file-backed (mapped checkpoint pages the kernel may drop) reported apart. Times are min/median/max of the runs;
+ratios use medians; memory is the largest peak of the runs. The load average is printed with each size: the machine
+may be shared.
 """
 from __future__ import annotations
 
@@ -13,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +44,7 @@ sys.path.insert(0, ROOT)
 
 from checkpoint_tools.canonical import CanonicalConfig, expected_shapes, expected_tensor_names  # noqa: E402
 from checkpoint_tools.families import get_family  # noqa: E402
-from checkpoint_tools.safetensors_io import ShardedSafetensorsWriter, TensorSpec  # noqa: E402
+from checkpoint_tools.safetensors_io import SafetensorsDir, ShardedSafetensorsWriter, TensorSpec, plan_shards  # noqa: E402,E501
 
 SHAPES = {  # public Llama shapes
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_attention_heads=32,
@@ -35,18 +53,33 @@ SHAPES = {  # public Llama shapes
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
+DIRECTIONS = ("bin->legacy", "hf->legacy", "legacy->hf", "legacy->legacy", "hf->dist", "dist->hf")
+SOURCE_OF = {"bin->legacy": "bin", "hf->legacy": "hf", "legacy->hf": "legacy", "legacy->legacy": "legacy",
+             "hf->dist": "hf", "dist->hf": "dist"}
 GB = 1024**3
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
-def write_random_checkpoint(path: str, size: str) -> int:
-    s = SHAPES[size]
-    cfg = CanonicalConfig(head_dim=s["hidden_size"] // s["num_attention_heads"], dtype="bfloat16",
-                          max_position_embeddings=4096, rms_norm_eps=1e-5, **s)
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def shape_of(size: str, layers: int | None) -> dict:
+    s = dict(SHAPES[size])
+    if layers:
+        s["num_layers"] = layers
+    return s
+
+
+def write_random_checkpoint(path: str, shape: dict) -> int:
+    """A random bf16 HF Llama checkpoint of `shape`, one tensor in memory at a time; returns its tensor bytes."""
+    cfg = CanonicalConfig(head_dim=shape["hidden_size"] // shape["num_attention_heads"], dtype="bfloat16",
+                          max_position_embeddings=4096, rms_norm_eps=1e-5, **shape)
     fam = get_family("llama")
     shapes = expected_shapes(cfg)
-    names = expected_tensor_names(cfg)
-    specs = [TensorSpec(n, shapes[n], torch.bfloat16) for n in names]
+    specs = [TensorSpec(n, shapes[n], torch.bfloat16) for n in expected_tensor_names(cfg)]
     os.makedirs(path)
     w = ShardedSafetensorsWriter(path, specs, max_shard_bytes=5 * GB)
     for spec in specs:
@@ -57,27 +90,81 @@ def write_random_checkpoint(path: str, size: str) -> int:
     return sum(sp.nbytes for sp in specs)
 
 
+def write_bin_checkpoint(hf: str, path: str, max_shard_bytes: int = 2 * GB) -> None:
+    """The same tensors as `pytorch_model-0000N-of-0000M.bin` shards + `pytorch_model.bin.index.json`, as older
+    `save_pretrained` wrote them with torch.save (one shard in memory at a time)."""
+    src = SafetensorsDir(hf)
+    shards = plan_shards([src.spec(n) for n in src.names()], max_shard_bytes)
+    os.makedirs(path)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fn = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save({s.name: src.get(s.name).clone() for s in shard}, os.path.join(path, fn))
+        for s in shard:
+            weight_map[s.name] = fn
+            total += s.nbytes
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    shutil.copy(os.path.join(hf, "config.json"), path)
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _rss(pid: int) -> tuple[int, int]:
-    anon = file = 0
+def largest_file(path: str) -> int:
+    return max((os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs), default=0)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def can_drop_caches() -> bool:
     try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("RssFile:"):
-                file = int(line.split()[1]) * 1024
-    except FileNotFoundError:
-        pass
+        with open(DROP_CACHES, "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) in bytes summed over `root` and all its descendants (found by parent pid in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    anon = file = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        anon += int(line.split()[1]) * 1024
+                    elif line.startswith("RssFile:"):
+                        file += int(line.split()[1]) * 1024
+        except OSError:
+            pass
     return anon, file
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run `cmd` after flushing dirty pages (so no run pays for the previous one's writeback); return wall seconds
-    and peak anonymous / file-backed RSS of the process."""
+def timed(cmd: list[str], cold: bool) -> dict:
+    """Run `cmd` from a flushed (and, when `cold`, dropped) page cache until its bytes are on disk; wall seconds and
+    peak anonymous / file-backed RSS summed over its process tree."""
     os.sync()
+    if cold:
+        with open(DROP_CACHES, "w") as f:
+            f.write("3")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -85,7 +172,7 @@ def timed(cmd: list[str]) -> dict:
 
     def sample():
         while proc.poll() is None:
-            a, f = _rss(proc.pid)
+            a, f = _tree_rss(proc.pid)
             peak[0], peak[1] = max(peak[0], a), max(peak[1], f)
             time.sleep(0.02)
 
@@ -93,12 +180,10 @@ def timed(cmd: list[str]) -> dict:
     th.start()
     _, err = proc.communicate()
     th.join()
-    wall = time.perf_counter() - t0
     if proc.returncode:
-        raise RuntimeError(f"{cmd} failed:\n{err[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err[-2000:]}")
     os.sync()  # until the bytes are on disk: page-cache speed differs wildly between one big write and many small
-    durable = time.perf_counter() - t0
-    return {"seconds": wall, "durable_seconds": durable, "peak_anon_gb": peak[0] / GB, "peak_file_gb": peak[1] / GB}
+    return {"seconds": time.perf_counter() - t0, "anon": peak[0], "file": peak[1]}
 
 
 USERSPACE_COPY = (
@@ -107,88 +192,155 @@ USERSPACE_COPY = (
     "for d, _, files in os.walk(src):\n"
     "    out = os.path.join(dst, os.path.relpath(d, src)); os.makedirs(out, exist_ok=True)\n"
     "    for f in files:\n"
-    "        with open(os.path.join(d, f), 'rb') as a, open(os.path.join(out, f), 'wb') as b:\n"
-    "            while chunk := a.read(64 << 20): b.write(chunk)\n")
+    "        with open(os.path.join(d, f), 'rb', buffering=0) as a, open(os.path.join(out, f), 'wb', buffering=0) as b:\n"
+    "            buf = bytearray(64 << 20); view = memoryview(buf)\n"
+    "            while n := a.readinto(buf):\n"
+    "                done = 0\n"
+    "                while done < n: done += b.write(view[done:n])\n")
 
 
-def copies(src: str, dst: str) -> dict:
-    """The two floors: `cp -r` (in-kernel copy_file_range here) and a plain read/write copy through user space,
-    which is what any converter must do at least."""
-    kernel = timed(["cp", "-r", src, dst])
-    shutil.rmtree(dst)
-    user = timed([sys.executable, "-c", USERSPACE_COPY, src, dst])
-    shutil.rmtree(dst)
-    return {"cp": kernel, "user": user}
+def repeat(runs: int, make_cmd, cleanup, cold: bool) -> list[dict]:
+    out = []
+    for _ in range(runs):
+        out.append(timed(make_cmd(), cold))
+        cleanup()
+    return out
 
 
-def bench_size(size: str, work: str, tp: int, pp: int) -> dict:
-    hf, cp_dst, mg, back = (os.path.join(work, f"{size}_{n}") for n in ("hf", "cp", "mg", "back"))
-    for p in (hf, cp_dst, mg, back):
+def summary(samples: list[dict]) -> dict:
+    secs = [s["seconds"] for s in samples]
+    return {"min_s": min(secs), "median_s": statistics.median(secs), "max_s": max(secs),
+            "peak_anon_gb": max(s["anon"] for s in samples) / GB, "peak_file_gb": max(s["file"] for s in samples) / GB}
+
+
+def floors(src: str, dst: str, runs: int, cold: bool) -> dict:
+    """`cp -r` and the user-space copy of `src`, `runs` times each."""
+    rm = lambda: shutil.rmtree(dst, ignore_errors=True)  # noqa: E731
+    return {"cp": summary(repeat(runs, lambda: ["cp", "-r", src, dst], rm, cold)),
+            "user_copy": summary(repeat(runs, lambda: [sys.executable, "-c", USERSPACE_COPY, src, dst], rm, cold))}
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+
+
+def convert_cmd(src: str, dst: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "launch", "convert", "--no-progress", src, dst, *flags]
+
+
+def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[dict]:
+    shape = shape_of(size, a.layers)
+    label = size + (f"/L{a.layers}" if a.layers else "")
+    path = {n: os.path.join(work, f"{size}_{n}") for n in ("hf", "bin", "legacy", "dist", "out", "copy")}
+    for p in path.values():
         shutil.rmtree(p, ignore_errors=True)
+    layout = ["--tp", str(a.tp), "--pp", str(a.pp)]
+    rtp, rpp = (int(x) for x in a.reshard.split(","))
+    flags = {"bin->legacy": layout, "hf->legacy": layout, "legacy->hf": [],
+             "legacy->legacy": ["--tp", str(rtp), "--pp", str(rpp)], "hf->dist": layout + ["--format", "torch_dist"],
+             "dist->hf": []}
+    wanted = [d for d in DIRECTIONS if d in a.directions.split(",")]
+    load0 = os.getloadavg()
     t0 = time.perf_counter()
-    nbytes = write_random_checkpoint(hf, size)
-    gen = time.perf_counter() - t0
-    cli = [sys.executable, "-m", "launch", "convert", "--no-progress"]
-    floor_hf = copies(hf, cp_dst)
-    cp, ucp = floor_hf["cp"], floor_hf["user"]
-    to_mg = timed(cli + [hf, mg, "--tp", str(tp), "--pp", str(pp)])
-    floor_mg = copies(mg, cp_dst)
-    cp_mg, ucp_mg = floor_mg["cp"], floor_mg["user"]
-    to_hf = timed(cli + [mg, back])
-    rank_shard = max(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(mg) for f in fs
-                     if f == "model_optim_rng.pt")
-    row = {"size": size, "params_gb": nbytes / GB, "tp": tp, "pp": pp, "generate_s": gen,
-           "cp_hf_s": cp["seconds"], "hf_to_megatron_s": to_mg["seconds"],
-           "hf_to_megatron_vs_cp": to_mg["seconds"] / cp["seconds"],
-           "cp_hf_durable_s": cp["durable_seconds"], "hf_to_megatron_durable_s": to_mg["durable_seconds"],
-           "hf_to_megatron_durable_vs_cp": to_mg["durable_seconds"] / cp["durable_seconds"],
-           "cp_megatron_durable_s": cp_mg["durable_seconds"], "megatron_to_hf_durable_s": to_hf["durable_seconds"],
-           "megatron_to_hf_durable_vs_cp": to_hf["durable_seconds"] / cp_mg["durable_seconds"],
-           "user_copy_hf_durable_s": ucp["durable_seconds"], "user_copy_megatron_durable_s": ucp_mg["durable_seconds"],
-           "hf_to_megatron_durable_vs_user_copy": to_mg["durable_seconds"] / ucp["durable_seconds"],
-           "megatron_to_hf_durable_vs_user_copy": to_hf["durable_seconds"] / ucp_mg["durable_seconds"],
-           "hf_to_megatron_peak_anon_gb": to_mg["peak_anon_gb"], "hf_to_megatron_peak_file_gb": to_mg["peak_file_gb"],
-           "cp_megatron_s": cp_mg["seconds"], "megatron_to_hf_s": to_hf["seconds"],
-           "megatron_to_hf_vs_cp": to_hf["seconds"] / cp_mg["seconds"],
-           "megatron_to_hf_peak_anon_gb": to_hf["peak_anon_gb"], "megatron_to_hf_peak_file_gb": to_hf["peak_file_gb"],
-           "largest_rank_shard_gb": rank_shard / GB}
-    return row
+    nbytes = write_random_checkpoint(path["hf"], shape)
+    print(f"# {label}: wrote {nbytes / GB:.2f} GB of tensors in {time.perf_counter() - t0:.0f} s", flush=True)
+    floor_cache: dict[str, dict] = {}
+    rows = []
+
+    def need(source: str) -> None:
+        """Make the source folder a direction reads (once)."""
+        if os.path.isdir(path[source]):
+            return
+        if source == "bin":
+            write_bin_checkpoint(path["hf"], path["bin"])
+        elif source == "legacy":
+            subprocess.run(convert_cmd(path["hf"], path["legacy"], *layout), check=True)
+        elif source == "dist":
+            subprocess.run(convert_cmd(path["hf"], path["dist"], *layout, "--format", "torch_dist"), check=True)
+
+    for i, direction in enumerate(wanted):
+        source = SOURCE_OF[direction]
+        row = {"size": label, "direction": direction, "params_gb": nbytes / GB, "runs": a.runs}
+        try:
+            need(source)
+            if source not in floor_cache:
+                floor_cache[source] = floors(path[source], path["copy"], a.runs, cold)
+            fl = floor_cache[source]
+            rm_out = lambda: shutil.rmtree(path["out"], ignore_errors=True)  # noqa: E731
+            samples = []
+            for _ in range(a.runs):
+                samples.append(timed(convert_cmd(path[source], path["out"], *flags[direction]), cold))
+                row["out_gb"] = dir_bytes(path["out"]) / GB
+                row["largest_out_file_gb"] = largest_file(path["out"]) / GB
+                rm_out()
+            row.update(summary(samples))
+            row.update(source_gb=dir_bytes(path[source]) / GB, cp_median_s=fl["cp"]["median_s"],
+                       user_copy_median_s=fl["user_copy"]["median_s"], user_copy_min_s=fl["user_copy"]["min_s"],
+                       user_copy_max_s=fl["user_copy"]["max_s"],
+                       x_cp=row["median_s"] / fl["cp"]["median_s"], x_copy=row["median_s"] / fl["user_copy"]["median_s"])
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+            row["error"] = str(e).strip().splitlines()[-1][:200]
+            shutil.rmtree(path["out"], ignore_errors=True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        # Free the disk as soon as no later direction reads a source.
+        later = {SOURCE_OF[d] for d in wanted[i + 1:]}
+        for source in ("bin", "legacy", "dist"):
+            if source not in later and not a.keep:
+                shutil.rmtree(path[source], ignore_errors=True)
+    if not a.keep:
+        for p in path.values():
+            shutil.rmtree(p, ignore_errors=True)
+    load1 = os.getloadavg()
+    for r in rows:
+        r["load_avg_start"], r["load_avg_end"] = load0[0], load1[0]
+    return rows
+
+
+def print_table(rows: list[dict], a: argparse.Namespace, cold: bool) -> None:
+    print(f"\n{a.runs} runs each, TP={a.tp} PP={a.pp} (legacy->legacy to TP,PP={a.reshard}); "
+          f"{'cold page cache before every run (drop_caches)' if cold else 'warm page cache (no permission to drop it)'}"
+          f"; times until the bytes are on disk (sync).\nx cp / x copy: median time over the median of `cp -r` / of a "
+          f"user-space read+write copy of the same source; anon/file: peak RSS summed over the process tree.")
+    print(f"{'size':>7} {'GB':>6} {'direction':>14} | {'min s':>6} {'med s':>6} {'max s':>6} | {'copy s':>6} "
+          f"{'x cp':>5} {'x copy':>6} | {'anon GB':>7} {'file GB':>7} | {'out file GB':>11} | load")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | failed: {r['error']}")
+            continue
+        print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | {r['min_s']:6.1f} {r['median_s']:6.1f} "
+              f"{r['max_s']:6.1f} | {r['user_copy_median_s']:6.1f} {r['x_cp']:5.2f} {r['x_copy']:6.2f} | "
+              f"{r['peak_anon_gb']:7.2f} {r['peak_file_gb']:7.2f} | {r['largest_out_file_gb']:11.2f} | "
+              f"{r['load_avg_start']:.1f}-{r['load_avg_end']:.1f}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1b", help="comma-separated of " + ",".join(SHAPES))
+    p.add_argument("--layers", type=int, help="keep the shape's tensors but only this many layers (e.g. 70b with 2)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--work-dir", help="scratch folder (default: a temporary one); needs ~4x the model size free")
+    p.add_argument("--reshard", default="1,2", help="TP,PP of the legacy->legacy output (default 1,2)")
+    p.add_argument("--directions", default=",".join(DIRECTIONS), help="comma-separated of " + ",".join(DIRECTIONS))
+    p.add_argument("--runs", type=int, default=3, help="runs per direction and per floor (median reported)")
+    p.add_argument("--warm", action="store_true", help="do not drop the page cache between runs")
+    p.add_argument("--work-dir", help="scratch folder (default: a temporary one); needs ~3x the model size free")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args(argv)
+    unknown = set(a.directions.split(",")) - set(DIRECTIONS)
+    if unknown:
+        p.error(f"unknown directions {sorted(unknown)}; use {','.join(DIRECTIONS)}")
+    cold = not a.warm and can_drop_caches()
     work = a.work_dir or tempfile.mkdtemp(prefix="bench-convert-")
     os.makedirs(work, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
     try:
         for size in a.sizes.split(","):
-            row = bench_size(size.strip(), work, a.tp, a.pp)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if not a.keep:
-                for n in ("hf", "mg", "back"):
-                    shutil.rmtree(os.path.join(work, f"{size}_{n}"), ignore_errors=True)
+            rows += bench_size(size.strip(), a, work, cold)
     finally:
         if not a.keep and not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    print("\nTimes include sync (bytes on disk). x cp: ratio to `cp -r`; x copy: ratio to a read/write copy through "
-          "user space.\nanon: peak anonymous RSS of the converter; file: peak mapped checkpoint pages (reclaimable).")
-    print(f"{'size':>4} {'GB':>6} | {'HF->Mg s':>8} {'x cp':>5} {'x copy':>6} {'anon GB':>7} {'file GB':>7} | "
-          f"{'Mg->HF s':>8} {'x cp':>5} {'x copy':>6} {'anon GB':>7} {'file GB':>7} | {'rank shard GB':>13}")
-    for r in rows:
-        print(f"{r['size']:>4} {r['params_gb']:6.2f} | {r['hf_to_megatron_durable_s']:8.1f} "
-              f"{r['hf_to_megatron_durable_vs_cp']:5.2f} {r['hf_to_megatron_durable_vs_user_copy']:6.2f} "
-              f"{r['hf_to_megatron_peak_anon_gb']:7.2f} {r['hf_to_megatron_peak_file_gb']:7.2f} | "
-              f"{r['megatron_to_hf_durable_s']:8.1f} {r['megatron_to_hf_durable_vs_cp']:5.2f} "
-              f"{r['megatron_to_hf_durable_vs_user_copy']:6.2f} {r['megatron_to_hf_peak_anon_gb']:7.2f} "
-              f"{r['megatron_to_hf_peak_file_gb']:7.2f} | {r['largest_rank_shard_gb']:13.2f}")
+    print_table(rows, a, cold)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -26,6 +28,8 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 WRITE_CHUNK = 64 * 1024**2
+# Bytes handed to the writer thread and not yet written: what overlapping costs in memory, at most.
+WRITE_BEHIND_BYTES = 512 * 1024**2
 SINGLE_NAME = "model.safetensors"
 
 
@@ -183,8 +187,63 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+class _WriteBehind:
+    """One background thread that runs file operations in the order they are submitted.
+
+    The caller (the converter's main thread) builds the next tensor while this thread writes the previous one:
+    write() releases the GIL, so reading and transforming overlap the writing. At most `budget` bytes wait here
+    (a bigger tensor waits until the thread is idle, so it alone is in flight), which bounds the extra memory.
+    The first error is kept, later operations are skipped, and the error is raised in the caller at its next
+    submit or at drain."""
+
+    def __init__(self, budget: Optional[int] = None):
+        self._budget = WRITE_BEHIND_BYTES if budget is None else budget
+        self._pending = 0
+        self._error: Optional[BaseException] = None
+        self._cv = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            op, nbytes = item
+            try:
+                if self._error is None:
+                    op()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            finally:
+                del op, item
+                with self._cv:
+                    self._pending -= nbytes
+                    self._cv.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, op, nbytes: int = 0) -> None:
+        self._raise()
+        with self._cv:
+            while self._pending and self._pending + nbytes > self._budget:
+                self._cv.wait()
+            self._pending += nbytes
+        self._queue.put((op, nbytes))
+
+    def drain(self) -> None:
+        """Wait until everything submitted is done; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+
 class ShardedSafetensorsWriter:
-    """Writes tensors in a pre-declared order into HF-style shards, holding one tensor at a time.
+    """Writes tensors in a pre-declared order into HF-style shards, holding one tensor at a time (plus at most
+    WRITE_BEHIND_BYTES that a background thread is still writing).
 
     Usage: construct with the full ordered spec list, call `write(name, tensor)` for each in order, then `close()`.
     """
@@ -199,8 +258,9 @@ class ShardedSafetensorsWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._queue = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
         self._pos = 0
-        self._f = None
+        self._f = None  # the open shard; used by the writer thread only
         self._shard = -1
+        self._io: Optional[_WriteBehind] = None
         self.total_bytes = sum(s.nbytes for s in specs)
 
     def _open_shard(self, i: int) -> None:
@@ -217,7 +277,13 @@ class ShardedSafetensorsWriter:
         self._f = open(os.path.join(self.out_dir, self.file_names[i]), "wb")
         self._f.write(struct.pack("<Q", len(blob)))
         self._f.write(blob)
-        self._shard = i
+
+    def _write_bytes(self, tensor: torch.Tensor) -> None:
+        data = tensor.view(torch.uint8).numpy().data
+        # Bounded writes: one multi-GB write() into the page cache ran several times slower here than the
+        # same bytes in 64 MB pieces.
+        for i in range(0, len(data), WRITE_CHUNK):
+            self._f.write(data[i:i + WRITE_CHUNK])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._pos >= len(self._queue):
@@ -227,23 +293,34 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"tensors must arrive in planned order: expected {spec.name}, got {name}")
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        if self._io is None:
+            self._io = _WriteBehind()
         if i != self._shard:
-            self._open_shard(i)
+            self._io.submit(lambda i=i: self._open_shard(i))
+            self._shard = i
         if spec.nbytes:
-            data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().data
-            # Bounded writes: one multi-GB write() into the page cache ran several times slower here than the
-            # same bytes in 64 MB pieces.
-            for i in range(0, len(data), WRITE_CHUNK):
-                self._f.write(data[i:i + WRITE_CHUNK])
+            flat = tensor.detach().reshape(-1).contiguous()
+            self._io.submit(lambda flat=flat: self._write_bytes(flat), spec.nbytes)
         self._pos += 1
+
+    def _finish_io(self) -> None:
+        if self._io is not None:
+            io, self._io = self._io, None
+            io.submit(self._close_file)
+            io.drain()
+
+    def _close_file(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def close(self) -> None:
         if self._pos != len(self._queue):
             left = [s.name for _, s in self._queue[self._pos:]]
+            self._finish_io()  # the files written so far are complete and closed either way
             raise ValueError(f"{len(left)} planned tensors were never written: {left[:10]}")
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        self._finish_io()
+        self._close_file()
         if len(self.file_names) > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {s.name: self.file_names[i] for i, shard in enumerate(self.shards) for s in shard}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -112,6 +113,18 @@ def rank_folders(it_dir: str) -> dict[tuple[int, int], str]:
     return found
 
 
+def _crc_checks(paths: list[str], enabled: bool) -> tuple[Optional[ThreadPoolExecutor], dict[str, Future]]:
+    """Start the CRC check of every rank file at once, in threads: the check is one sequential read plus crc32,
+    both of which release the GIL, so several files are read and summed in parallel (and overlap the pickle
+    loads) instead of one after another. Callers wait for a file's result just before loading it, so the errors
+    and their order stay those of checking one file at a time."""
+    paths = [p for p in paths if os.path.exists(p)]
+    if not enabled or not paths:
+        return None, {}
+    pool = ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8), thread_name_prefix="crc")
+    return pool, {p: pool.submit(check_zip_crc, p) for p in paths}
+
+
 def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable[str] = (),
                 check_data: bool = True) -> LegacyCheckpoint:
     """Every rank file, each scanned and loaded under the trust policy (plus `extra_globals` a user trusts).
@@ -131,34 +144,42 @@ def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable
     first = os.path.join(it_dir, found[min(found)], FILE_NAME)
     if not os.path.exists(first):
         raise CheckpointError(f"{first} is missing")
-    if check_data:
-        check_zip_crc(first)
-    payload0 = safe_torch_load(first, policy=policy)
-    args = payload0.get("args")
-    if args is None:
-        raise CheckpointError(f"{first}: no 'args' in the checkpoint; cannot tell its architecture")
-    version = payload0.get("checkpoint_version", 0)
-    if version < 3.0:
-        raise CheckpointError(f"{first}: checkpoint_version={version}; only 3.0 (fused QKV grouped per KV head) "
-                              f"is supported")
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
-    want = {(t, p) for t in range(tp) for p in range(pp)}
-    missing = sorted(want - set(found))
-    if missing:
-        raise CheckpointError(f"{it_dir}: args say TP={tp} PP={pp} but rank folders are missing: "
-                              f"{[rank_dir_name(t, p, pp) for t, p in missing]}")
-    extra = sorted(set(found) - want)
-    if extra:
-        raise CheckpointError(f"{it_dir}: rank folders beyond TP={tp} PP={pp}: {[found[k] for k in extra]}")
-    ranks = {min(found): payload0}
-    for key in sorted(want - {min(found)}):
-        path = os.path.join(it_dir, found[key], FILE_NAME)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{path} is missing")
+    pool, checks = _crc_checks([os.path.join(it_dir, found[k], FILE_NAME) for k in sorted(found)], check_data)
+    try:
         if check_data:
-            check_zip_crc(path)
-        ranks[key] = safe_torch_load(path, policy=policy)
+            checks[first].result()
+        payload0 = safe_torch_load(first, policy=policy)
+        args = payload0.get("args")
+        if args is None:
+            raise CheckpointError(f"{first}: no 'args' in the checkpoint; cannot tell its architecture")
+        version = payload0.get("checkpoint_version", 0)
+        if version < 3.0:
+            raise CheckpointError(f"{first}: checkpoint_version={version}; only 3.0 (fused QKV grouped per KV head) "
+                                  f"is supported")
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+        want = {(t, p) for t in range(tp) for p in range(pp)}
+        missing = sorted(want - set(found))
+        if missing:
+            raise CheckpointError(f"{it_dir}: args say TP={tp} PP={pp} but rank folders are missing: "
+                                  f"{[rank_dir_name(t, p, pp) for t, p in missing]}")
+        extra = sorted(set(found) - want)
+        if extra:
+            raise CheckpointError(f"{it_dir}: rank folders beyond TP={tp} PP={pp}: {[found[k] for k in extra]}")
+        ranks = {min(found): payload0}
+        for key in sorted(want - {min(found)}):
+            path = os.path.join(it_dir, found[key], FILE_NAME)
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path} is missing")
+            if check_data:
+                checks[path].result()
+            ranks[key] = safe_torch_load(path, policy=policy)
+    except BaseException:
+        if pool is not None:  # do not wait for the other files' reads before reporting
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown()
     return LegacyCheckpoint(root, iteration, args, tp, pp, vpp, ranks)
 
 

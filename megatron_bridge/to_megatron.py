@@ -25,9 +25,12 @@ from megatron_bridge.param_kinds import Kind, Shape, check_tp
 
 def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> torch.Tensor:
     piece = kind.shard(tensors, tp, tp_rank, shape)
-    # A view of an input would pickle its whole (memory-mapped) storage: copy it; a fresh tensor is kept as is.
-    inputs = {t.untyped_storage().data_ptr() for t in tensors}
-    if piece.untyped_storage().data_ptr() in inputs or not piece.is_contiguous():
+    # torch.save pickles a tensor's whole storage: a piece that is part of a bigger (memory-mapped) storage is
+    # copied; one that is exactly its storage (a fresh tensor, or a whole input such as a merged tensor at TP=1 or a
+    # rank file's record) is saved as is, which spares a copy of every byte when resharding to TP=1.
+    storage = piece.untyped_storage()
+    whole = piece.storage_offset() == 0 and storage.nbytes() == piece.numel() * piece.element_size()
+    if not (whole and piece.is_contiguous()):
         piece = piece.clone(memory_format=torch.contiguous_format)
     return piece
 

@@ -75,3 +75,22 @@ def test_missing_shard_is_named(tmp_path):
     os.remove(tmp_path / files[1])
     with pytest.raises(CheckpointError, match=files[1]):
         SafetensorsDir(str(tmp_path))
+
+
+
+def test_write_behind_keeps_order_and_reports_io_errors(tmp_path, monkeypatch):
+    """The background writer: with a budget smaller than most tensors (so write() waits for the thread), every
+    tensor still lands bit-exact in its planned shard; an I/O error in the thread is raised to the caller, not
+    lost (here the output folder does not exist)."""
+    import checkpoint_tools.safetensors_io as sio
+    monkeypatch.setattr(sio, "WRITE_BEHIND_BYTES", 1000)
+    g = torch.Generator().manual_seed(1)
+    ts = {f"t{i}": torch.randn(50 + 37 * i, generator=g) for i in range(12)}
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
+    os.makedirs(tmp_path / "ok")
+    files = write_tensors(str(tmp_path / "ok"), ts.items(), specs, max_shard_bytes=3000)
+    assert len(files) > 2
+    back = SafetensorsDir(str(tmp_path / "ok"))
+    assert all(torch.equal(back.get(k), v) for k, v in ts.items())
+    with pytest.raises(FileNotFoundError):
+        write_tensors(str(tmp_path / "missing"), ts.items(), specs, max_shard_bytes=3000)

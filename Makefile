@@ -15,7 +15,7 @@ TOKENIZER ?=
 NPROC ?= 1
 ARGS ?=
 
-.PHONY: install demo test convert verify infer bench clean preprocess train demo-train
+.PHONY: install demo test convert verify infer bench clean preprocess train demo-train submit jobs
 
 .installed: setup.py Makefile
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -67,6 +67,18 @@ infer: install
 
 bench: install
 	$(RUN) $(PYTHON) bench/bench_convert.py $(ARGS)
+
+# Slurm: make submit JOB=pretrain_gpt NODES=2 GPUS=8 ARGS="--partition gpu --time 4:00:00 --tp 4 --load ... --save ..."
+# DRY_RUN=1 prints the generated sbatch script instead of submitting it; make jobs shows the submitted jobs.
+JOB ?=
+NODES ?= 1
+GPUS ?= 0
+submit: install
+	@test -n "$(JOB)" || { echo "usage: make submit JOB=convert|pretrain_gpt|sft|pretrain_hf|infer NODES=n GPUS=g ARGS='<job and Slurm options>' [DRY_RUN=1]"; exit 2; }
+	$(PYTHON) -m launch submit $(JOB) --nodes $(NODES) --gpus-per-node $(GPUS) $(ARGS) $(if $(DRY_RUN),--dry-run)
+
+jobs: install
+	$(PYTHON) -m launch jobs $(ARGS)
 
 clean:
 	rm -rf .installed build *.egg-info .pytest_cache

@@ -689,12 +689,12 @@ class Trainer:
 def train(trainer: Trainer) -> None:
     a = trainer.args
     iterator = trainer.iterators(trainer.train_rows, trainer.consumed)
+    stop = exit_signal.ExitSignal(a)  # a scheduler's warning: every rank stops after the same step, then saves
     if trainer.rank == 0:
         mode = "resumed" if trainer.resumed else "starting"
         print(f" {mode} at iteration {trainer.iteration} ({trainer.consumed} samples consumed); channels "
               f"{list(trainer.plan.channels.names)}", flush=True)
     window_start = time.time()
-    stop = exit_signal.ExitSignal(a)  # a scheduler's warning: every rank stops after the same step, then saves
     while trainer.iteration < a.train_iters:
         trainer.train_step(iterator)
         it = trainer.iteration

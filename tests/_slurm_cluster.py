@@ -193,9 +193,9 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         return "\n".join(out)
 
     # ------------------------------------------------------------------------------------------------- stop
-    def _pids(self) -> list[int]:
+    def _pids(self, files: list[str] | None = None) -> list[int]:
         pids = []
-        for path in self.pid_files:
+        for path in self.pid_files if files is None else files:
             try:
                 with open(path) as f:
                     pids.append(int(f.read().strip()))
@@ -218,8 +218,8 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                 subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             pass
-        deadline = time.monotonic() + 10
-        while self._pids() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10  # the Slurm daemons stop on `scontrol shutdown`; munged is stopped below
+        while set(self._pids()) - set(self._pids(self.pid_files[:1])) and time.monotonic() < deadline:
             time.sleep(0.3)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self._pids():

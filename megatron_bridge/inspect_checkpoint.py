@@ -102,5 +102,8 @@ def render(info: dict[str, Any]) -> str:
              f"qk_norm={cfg['qk_norm']} act={cfg['hidden_act']} rope_theta={cfg['rope_theta']} "
              f"rope_scaling={cfg['rope_scaling']} eps={cfg['rms_norm_eps']} dtype={cfg['dtype']}"),
     ]
+    if cfg.get("task") == "sequence_classification":
+        rows.append(("head", f"score.weight, num_labels={cfg['num_labels']} (sequence classification: a reward "
+                             f"model when 1), no lm_head"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -18,6 +18,7 @@ from test_workbench_model import randomize
 from checkpoint_tools.family_convert import convert_family
 from checkpoint_tools.modeling_workbench import WorkbenchForSequenceClassification
 from megatron_bridge.convert import ConvertOptions, convert
+from megatron_bridge.inspect_checkpoint import inspect, render
 from megatron_bridge.verify import compare_hf_dirs
 
 PAD = 0
@@ -99,6 +100,7 @@ def test_labels_and_a_same_family_trip_keep_the_config_exactly(tmp_path):
     labels = {0: "bad", 1: "neutral", 2: "good"}
     ref = _save_reward_model("qwen2", src, num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
     convert_family(src, wb, "workbench", progress=False)
+    assert "score.weight, num_labels=3 (sequence classification" in render(inspect(wb))
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(wb).eval()
     assert rm.config.id2label == labels and rm.score.weight.shape == (3, TINY["hidden_size"])
     assert torch.allclose(_scores(rm, "left"), _scores(ref, "left"), atol=1e-5, rtol=0)

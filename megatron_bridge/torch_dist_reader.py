@@ -24,6 +24,7 @@ from megatron_bridge import torch_dist_format
 from megatron_bridge.layout import canonical_layer_names
 from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
                                           true_vocab_from_args)
+from megatron_bridge.param_kinds import unpack_qkv
 from megatron_bridge.torch_dist_keys import DistKey, all_param_keys, model_keys, non_model_kind
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,19 @@ def _expected_global_shape(dk: DistKey, cfg: CanonicalConfig, shape, num_layers:
     metas = [torch.empty(shapes[n], device="meta") for n in names]
     one = tuple(dk.param.kind.shard(metas, 1, 0, shape).shape)
     return (num_layers,) + one if dk.per_layer else one
+
+
+# A global tensor is the TP=1 shard of its kind: split it into canonical tensors as views (kind.merge of a single
+# shard would concatenate, copying it, for nothing).
+_FROM_GLOBAL = {
+    "qkv": lambda t, shape: unpack_qkv(t, shape),
+    "gated_mlp": lambda t, shape: list(torch.chunk(t, 2, dim=0)),
+    "vocab": lambda t, shape: [t[:shape.vocab_size]],
+}
+
+
+def _from_global(dk: DistKey, t: torch.Tensor, shape) -> list[torch.Tensor]:
+    return _FROM_GLOBAL.get(dk.param.kind.name, lambda t, shape: [t])(t, shape)
 
 
 class TorchDistSource(TensorSource):
@@ -193,7 +207,7 @@ class TorchDistSource(TensorSource):
         stored, dk, layer, j = self._index[name]
         if self._slice[0] != (stored, layer):
             self._slice = (None, None)  # free the previous slice before reading the next
-            self._slice = ((stored, layer), dk.param.kind.merge([self._read(stored, layer)], self.shape))
+            self._slice = ((stored, layer), _from_global(dk, self._read(stored, layer), self.shape))
         return self._slice[1][j]
 
     def release(self) -> None:

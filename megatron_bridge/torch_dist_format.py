@@ -179,12 +179,13 @@ def dist_load(sharded_state_dict: dict, root: str, policy: PolicyLike = None) ->
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
     common = validate(root, trust_policy(policy))
     it_dir = iteration_dir(root)
 
     if "common_strategy" in inspect.signature(dist_checkpointing.load).parameters:  # megatron-core <= 0.16
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
         class VettedCommon(TorchCommonLoadStrategy):
             def load_common(self, checkpoint_dir):
                 return copy.deepcopy(common)  # megatron-core merges loaded state into it

@@ -205,7 +205,8 @@ def job_status(record: dict) -> dict:
         state = live["state"]
         if state in ("COMPLETED", "FAILED") and runs and runs[-1].get("state") == "REQUEUE_LIMIT":
             state = "REQUEUE_LIMIT"
-        code = live["exit"].split(":")[0] if live["exit"] else ""
+        running = state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "SUSPENDED")
+        code = live["exit"].split(":")[0] if live["exit"] and not running else ""
         return {"state": state, "exit": code, "runs": live["restarts"] + 1, "elapsed": live["elapsed"],
                 "reason": live["reason"] if state == "PENDING" else "", "nodes": live["nodes"]}
     if runs:

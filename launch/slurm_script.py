@@ -169,6 +169,18 @@ def _q(words) -> str:
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
+def _array(name: str, args: list[str]) -> list[str]:
+    """A bash array, one option (with its values) a line, so a long command stays readable and easy to edit."""
+    groups: list[list[str]] = []
+    for a in args:
+        if not groups or (a.startswith("--") and groups[-1]):
+            groups.append([])
+        groups[-1].append(a)
+    if len(groups) <= 1:
+        return [f"{name}=({_q(args)})"]
+    return [f"{name}=("] + [f"  {_q(g)}" for g in groups] + [")"]
+
+
 def _abs(path: str, workdir: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(workdir, path))
 
@@ -219,13 +231,14 @@ def _sbatch_lines(name: str, job: str, opts: SubmitOptions, tasks_per_node: int)
     lines += [
         f"#SBATCH --chdir={opts.workdir}",
         f"#SBATCH --output={log_dir}/%x-%j.out",
-        "#SBATCH --open-mode=append         # a requeued run appends to the same log",
+        "# A requeued run appends to the same log.",
+        "#SBATCH --open-mode=append",
     ]
     if opts.max_requeues > 0:
         lines += [
+            f"# This script gets SIGUSR1 {opts.signal_seconds} s before the time limit (see the trap below).",
             "#SBATCH --requeue",
-            f"#SBATCH --signal=B:USR1@{opts.signal_seconds}    # this script gets SIGUSR1 {opts.signal_seconds} s "
-            f"before the time limit",
+            f"#SBATCH --signal=B:USR1@{opts.signal_seconds}",
         ]
     else:
         lines.append("#SBATCH --no-requeue")
@@ -273,7 +286,7 @@ def render(job: str, job_args: list[str], opts: SubmitOptions) -> str:
     else:
         out.append(f"# Resume: {kind.resume}.")
         args_expr = '"${JOB_ARGS[@]}"'
-    out += [f"JOB_ARGS=({_q(args)})", ""]
+    out += _array("JOB_ARGS", args) + [""]
 
     out += [
         "# Time limit or preemption: Slurm sends this script SIGUSR1; the step's processes get "

@@ -173,7 +173,7 @@ def test_pretrain_gpt_on_two_nodes_preempted_requeued_resumed_and_converted(clus
                    '--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"', '--rdzv-id "$SLURM_JOB_ID"',
                    'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                    '$(( 20000 + SLURM_JOB_ID % 20000 ))', "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue",
-                   "--exit-signal-handler --exit-signal SIGUSR1", "LOAD=(--load save)"):
+                   "  --exit-signal-handler\n  --exit-signal SIGUSR1\n", "LOAD=(--load save)"):
         assert needed in script, needed
 
     (job_id,) = submitted(submit_here(cluster, root, *args))

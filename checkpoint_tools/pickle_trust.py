@@ -94,6 +94,9 @@ DEFAULT_ALLOWED_GLOBALS: tuple[tuple[str, str], ...] = (
     ("megatron.core.transformer.enums", "ModelType"),
     ("megatron.core.transformer.enums", "AttnBackend"),  # args.attention_backend
     ("megatron.core.transformer.enums", "CudaGraphScope"),  # args.cuda_graph_scope
+    # megatron-core 0.19 lists these enums beside the ones above in its own safe_globals.py (absent from 0.16)
+    ("megatron.core.transformer.enums", "CudaGraphModule"),
+    ("megatron.core.transformer.enums", "InferenceCudaGraphScope"),
     ("megatron.core.transformer.enums", "AttnMaskType"),
     ("megatron.core.transformer.enums", "AttnType"),
     ("megatron.core.transformer.enums", "LayerType"),
@@ -467,6 +470,15 @@ def load_torch_bytes(data: bytes, where: str, policy: PolicyLike = None) -> Any:
     policy = trust_policy(policy)
     needed = scan_pickle(_zip_pickle(data, where), where, policy, torch_storages=True)
     return _torch_load(io.BytesIO(data), where, needed, policy, mmap=False)
+
+
+def load_torch_stream(stream, where: str, policy: PolicyLike = None) -> Any:
+    """A torch.save payload read through a seekable file object (e.g. one chunk of a DCP `.distcp` file, read in
+    place by its byte range): scanned, then loaded weights-only straight into its tensors, never buffered whole."""
+    policy = trust_policy(policy)
+    needed = scan_pickle(_zip_pickle(stream, where), where, policy, torch_storages=True)
+    stream.seek(0)
+    return _torch_load(stream, where, needed, policy, mmap=False)
 
 
 class _PolicyUnpickler(pickle.Unpickler):

@@ -311,3 +311,69 @@ def test_jobs_shows_a_failed_job_with_its_exit_code_and_log(cluster, background)
     assert row.split()[1:5] == ["convert", "FAILED", "1", "2"], proc.stdout
     assert f"== job {job_id} (convert) failed with exit code 2" in proc.stdout
     assert "no_such_model" in proc.stdout.split(f"== job {job_id}")[1]
+
+
+def test_requeue_cap_stops_a_job_preempted_once_too_often(cluster, work):
+    """--max-requeues 1: the first warning requeues the job, the second ends it (REQUEUE_LIMIT, a failure that
+    `jobs` names); Slurm counts one restart. A conversion stopped by the warning leaves no partial folder."""
+    root = work / "capped"
+    hf = make_llama(str(root / "hf"))
+    (job_id,) = submitted(submit_here(cluster, root, "convert", hf, "mg", "--tp", "2", "--no-progress",
+                                      "--max-requeues", "1"))
+    log = str(root / "slurm_logs" / f"wb-convert-{job_id}.out")
+    def started(run: int) -> bool:
+        if cluster.job(job_id).get("Reason") == "BeginTime":  # Slurm's 120 s hold on a requeued job: release it
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        return os.path.exists(log) and f"workbench: run {run} of job" in read_log(log)
+
+    for run in (1, 2):
+        wait_for(lambda: started(run), 180, f"run {run}")
+        cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+        wait_for(lambda: len(status_lines(root / "slurm_logs", job_id)) == run, 120, f"run {run}'s status line")
+    info = cluster.wait(job_id, timeout=60)
+    text = read_log(log)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", (info, text)
+    lines = status_lines(root / "slurm_logs", job_id)
+    assert [line.split()[-1] for line in lines] == ["state=REQUEUED", "state=REQUEUE_LIMIT"], lines
+    assert "--max-requeues 1 is used up: not requeued" in text
+    assert not glob.glob(str(root / ".mg.*")), os.listdir(root)  # SIGTERM removed the partial output
+    proc = launch(cluster, root, "jobs")
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(job_id))
+    assert row.split()[1:4] == ["convert", "REQUEUE_LIMIT", "2"], proc.stdout
+
+
+def test_dry_run_scripts_for_every_job_are_valid_bash(work, tmp_path, monkeypatch, capsys):
+    """Each JOB's script (and infer's merge script) as --dry-run prints it: the launch shape its JOB needs, and
+    bash -n accepts it. --write keeps the same text."""
+    from launch import slurm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    cases = {
+        "convert": (["hf", "mg", "--tp", "2"], ["srun --nodes=1 --ntasks=1", "scancel --signal=TERM"]),
+        "sft": (["--model", "m", "--data", "d.jsonl", "--output-dir", "runs/sft", "--nodes", "2", "--gpus-per-node",
+                 "8"], ["--nproc-per-node 8", '--node-rank "$SLURM_NODEID"', "#SBATCH --gpus-per-node=8",
+                        "-m launch.sft", "scancel --signal=TERM"]),
+        "pretrain_hf": (["--model", "m", "--data", "d.jsonl", "--output-dir", "runs/pt", "--nodes", "2"],
+                        ["--nproc-per-node 1", "-m launch.pretrain_hf"]),
+        "infer": (["m", "in.jsonl", "out.jsonl", "--nodes", "4"],
+                  ["#SBATCH --nodes=4", "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \"$PYTHON\" -m launch infer",
+                   "-m launch infer-merge in.jsonl out.jsonl", "--dependency=afterok"]),
+        "pretrain_gpt": (["--seq-length", "8", "--save", "s", "--nodes", "1", "--nproc-per-node", "2",
+                          "--max-requeues", "0"], ["#SBATCH --no-requeue", "MAX_REQUEUES=0", "LOAD=()"]),
+    }
+    for job, (args, needed) in cases.items():
+        assert slurm.main(["submit", job, *args, "--dry-run"]) == 0, capsys.readouterr().err
+        text = capsys.readouterr().out
+        for n in needed:
+            assert n in text, (job, n)
+        scripts = text.split("\n# ---- merge job")
+        assert len(scripts) == (2 if job == "infer" else 1)
+        for i, script in enumerate(scripts):
+            path = tmp_path / f"{job}{i}.sh"
+            path.write_text(script if i == 0 else script.split("\n", 1)[1])
+            check = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+            assert check.returncode == 0, (job, check.stderr)
+        assert slurm.main(["submit", job, *args, "--write", str(tmp_path / f"{job}.sbatch")]) == 0
+        capsys.readouterr()
+        assert (tmp_path / f"{job}.sbatch").read_text() == scripts[0]

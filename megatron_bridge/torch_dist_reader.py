@@ -10,6 +10,7 @@ loaded weights-only through the trust policy (scanned first). Which TP/PP wrote 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 from collections import Counter
@@ -19,7 +20,7 @@ import torch
 
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_shapes, expected_tensor_names
 from checkpoint_tools.errors import CheckpointError
-from checkpoint_tools.pickle_trust import PolicyLike, load_torch_bytes, trust_policy
+from checkpoint_tools.pickle_trust import PolicyLike, load_torch_stream, trust_policy
 from megatron_bridge import torch_dist_format
 from megatron_bridge.layout import canonical_layer_names
 from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
@@ -30,6 +31,36 @@ from megatron_bridge.torch_dist_keys import DistKey, all_param_keys, model_keys,
 log = logging.getLogger(__name__)
 
 Region = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+class FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable file of their own: torch.load reads a chunk's
+    blob in place, straight into its tensor, instead of from a copy of the blob in memory."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(buffer)[:n]], self.start + self.pos)
+        self.pos += got
+        return got
 
 
 def _overlap(a: Region, b: Region) -> Optional[Region]:
@@ -247,11 +278,10 @@ class TorchDistSource(TensorSource):
         fd = self._files.get(info.relative_path)
         if fd is None:
             fd = self._files[info.relative_path] = os.open(path, os.O_RDONLY)
-        data = os.pread(fd, info.length, info.offset)
-        if len(data) != info.length:
-            raise CheckpointError(f"{where}: truncated ({len(data)} of {info.length} bytes)")
-        t = load_torch_bytes(data, where, self.policy)
-        del data
+        if os.fstat(fd).st_size < info.offset + info.length:
+            raise CheckpointError(f"{where}: truncated (the chunk ends at byte {info.offset + info.length})")
+        t = load_torch_stream(io.BufferedReader(FileSlice(fd, info.offset, info.length), 1 << 20), where,
+                              self.policy)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != chunk[1] or t.dtype != self._dtypes[stored]:
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"{where}: holds {got}, the index says {chunk[1]} {self._dtypes[stored]}")

@@ -148,8 +148,8 @@ def write_torch_dist(source: TensorSource, dst: str, args: argparse.Namespace, *
                     storage[MetadataIndex(dk.key, offsets)] = files.write_tensor(t)
                     chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape))
                     del t
+                    source.release()  # the source's pages of this tensor are done with (memory-mapped input)
                     bar.update()
-                source.release()
                 state_md[dk.key] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_size),
                                                          chunks)
             buf = io.BytesIO()

@@ -10,6 +10,8 @@
     preprocess  JSONL (text, channel) -> one Megatron indexed dataset per channel + the --data-path blend
     infer     K model replicas over the devices push a JSONL through, resumable, ordered output (--help)
     infer-merge  join many nodes' inference part files into one ordered output
+    submit    send a JOB (convert, pretrain_gpt, sft, pretrain_hf, infer) to Slurm: a generated sbatch script
+    jobs      state, runs, exit codes and log tails of the jobs submitted from here
     pretrain_gpt  train on megatron-core with channel loss (run under torchrun for TP/PP/DP; --help)
     pretrain_hf  post-pretraining on the Hugging Face Trainer: raw text in blocks, channel loss, DeepSpeed (--help)
     demo-train  SmolLM2 -> Megatron -> a few channel-loss steps on megatron-core -> PNG -> back -> one answer
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("preprocess", help="JSONL -> indexed datasets per channel (python -m launch preprocess --help)")
     sub.add_parser("infer", help="multi-replica inference over a JSONL (python -m launch infer --help)")
     sub.add_parser("infer-merge", help="join many nodes' inference parts (python -m launch infer-merge --help)")
+    sub.add_parser("submit", help="send convert/pretrain_gpt/sft/pretrain_hf/infer to Slurm (python -m launch submit "
+                                  "--help)")
+    sub.add_parser("jobs", help="state and log tails of the submitted Slurm jobs (python -m launch jobs --help)")
     sub.add_parser("pretrain_gpt", help="train on megatron-core with channel loss (python -m launch pretrain_gpt "
                                         "--help; torchrun -m launch.pretrain_gpt for TP/PP/DP)")
     sub.add_parser("pretrain_hf", help="post-pretraining on the Trainer with channel loss (python -m launch "
@@ -244,6 +249,9 @@ def main(argv=None) -> int:
         except ValueError as e:  # bad input: one clear line, no traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if argv[:1] in (["submit"], ["jobs"]):  # launch.slurm owns these options (Slurm submission, job status)
+        from launch import slurm
+        return slurm.main(argv)
     if argv[:1] in (["infer"], ["infer-merge"]):  # launch.multi_infer owns these options
         from launch import multi_infer
         return (multi_infer.main if argv[0] == "infer" else multi_infer.merge_main)(argv[1:])

@@ -31,7 +31,10 @@ FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
 
 def _submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch submit JOB [job options]", allow_abbrev=False,
-                                description=__doc__.split("\n\n")[0])
+                                description="Send a JOB (convert, pretrain_gpt, sft, pretrain_hf, infer) to Slurm "
+                                "as a generated, readable sbatch script: torchrun on every node from Slurm's "
+                                "environment, save and requeue before the time limit. Options this parser does not "
+                                "know are the JOB's; put the JOB's options after -- when a name is shared.")
     p.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 for CPU nodes (default 0)")
     p.add_argument("--nproc-per-node", type=int,
@@ -63,7 +66,7 @@ def _submit_parser() -> argparse.ArgumentParser:
 def parse_submit(argv: list[str]) -> tuple[str, list[str], argparse.Namespace, SubmitOptions]:
     """JOB, the job's args, the submit flags and options. Unknown options belong to the job; `--` ends ours."""
     if not argv or argv[0].startswith("-"):
-        _submit_parser().print_help()
+        _submit_parser().print_usage(sys.stderr)
         raise ValueError(f"submit needs a JOB first: one of {', '.join(JOBS)}")
     job, rest = argv[0], argv[1:]
     after: list[str] = []
@@ -135,6 +138,10 @@ def submit(job: str, job_args: list[str], opts: SubmitOptions) -> dict:
 
 
 def submit_main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        _submit_parser().print_help()
+        print(f"\nJOB is one of: {', '.join(JOBS)}; its options are its own (python -m launch JOB --help).")
+        return 0
     try:
         job, job_args, a, opts = parse_submit(argv)
         if a.dry_run or a.write:

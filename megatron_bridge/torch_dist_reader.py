@@ -144,7 +144,7 @@ class TorchDistSource(TensorSource):
         if self.config.vocab_size > args.padded_vocab_size:
             raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
         self.shape = shape_from_args(args, self.config.vocab_size)
-        self.skipped = self._classify(md, model_keys(arch_from_args(args)))
+        self._keys, self.skipped = self._classify(md, model_keys(arch_from_args(args)))
         self._storage = {(i.fqn, tuple(i.offset) if i.offset is not None else None): info
                          for i, info in (md.storage_data or {}).items()}
         self._chunks: dict[str, list[Region]] = {}
@@ -168,20 +168,22 @@ class TorchDistSource(TensorSource):
             raise CheckpointError(f"{root}: the checkpoint lacks tensors its config implies: {missing[:10]}")
         self._check_absent_are_zero(set(self._index) - wanted)
 
-    def _classify(self, md, expected: list[DistKey]) -> Counter:
-        """Map every stored key to the table; returns what was recognised as non-model state (kind -> count)."""
+    def _classify(self, md, expected: list[DistKey]) -> tuple[dict[str, DistKey], Counter]:
+        """Every stored key matched to the table: (stored model key -> its DistKey, what was recognised as
+        non-model state: kind -> count); anything else is an error naming the keys."""
         by_name = {name: dk for dk in expected for name in (dk.key,) + dk.aliases}
         every = all_param_keys()
-        self._keys: dict[str, DistKey] = {}
+        keys: dict[str, DistKey] = {}
+        stored_as: dict[str, str] = {}  # DistKey.key -> the name it was found under
         skipped: Counter = Counter()
         unimplied, unknown = [], []
         for key in md.state_dict_metadata:
             if key in by_name:
                 dk = by_name[key]
-                if any(self._keys.get(k) is dk for k in self._keys):
-                    raise CheckpointError(f"{self.it_dir}: {dk.key} is stored under two names "
-                                          f"({sorted(k for k in self._keys if self._keys[k] is dk) + [key]})")
-                self._keys[key] = dk
+                if dk.key in stored_as:
+                    raise CheckpointError(f"{self.it_dir}/.metadata: {dk.key} is stored under two names "
+                                          f"({stored_as[dk.key]!r} and {key!r}); which one is the model's?")
+                keys[key], stored_as[dk.key] = dk, key
             elif non_model_kind(key):
                 skipped[non_model_kind(key)] += 1
             elif key in every:
@@ -194,13 +196,13 @@ class TorchDistSource(TensorSource):
         if unimplied:
             problems.append(f"parameters the checkpoint's args do not imply {sorted(unimplied)[:10]} (e.g. a bias "
                             f"without add_bias_linear, q/k norm without qk_layernorm)")
-        missing = [dk.key for dk in expected if dk not in self._keys.values()]
+        missing = [dk.key for dk in expected if dk.key not in stored_as]
         if missing:
             problems.append(f"missing model keys {missing[:10]}")
         if problems:
             raise CheckpointError(f"{self.it_dir}/.metadata: " + "; ".join(problems) + "; nothing is dropped "
                                   f"silently, so nothing was written")
-        return skipped
+        return keys, skipped
 
     def _check_key(self, md, stored: str, dk: DistKey) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata

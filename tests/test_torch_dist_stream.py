@@ -216,6 +216,34 @@ def _unimplied_key(md):  # a tied model with an output layer
     md.state_dict_metadata["output_layer.weight"] = md.state_dict_metadata["embedding.word_embeddings.weight"]
 
 
+def _two_names(md):  # the input norm under its local-spec name beside its Transformer Engine name
+    md.state_dict_metadata["decoder.layers.input_layernorm.weight"] = md.state_dict_metadata[
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight"]
+
+
+def _local_names(md):
+    """The norms under the local-spec names older writers used (`input_layernorm`, `pre_mlp_layernorm`)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    for te, local in (("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+                      ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")):
+        te, local = "decoder.layers." + te, "decoder.layers." + local
+        md.state_dict_metadata[local] = md.state_dict_metadata.pop(te)
+        for index in [i for i in md.storage_data if i.fqn == te]:
+            md.storage_data[MetadataIndex(local, index.offset)] = md.storage_data.pop(index)
+
+
+def test_local_spec_names_are_read_as_their_transformer_engine_keys(built, tmp_path):
+    src = str(tmp_path / "local_names")
+    shutil.copytree(built["gqa_biases_untied_vpp"]["streamed"], src)
+    _rewrite_index(src, _local_names)
+    assert "decoder.layers.input_layernorm.weight" in _index(src)
+    back = str(tmp_path / "back")
+    convert(src, back, ConvertOptions(progress=False))
+    rt = compare_hf_dirs(built["gqa_biases_untied_vpp"]["hf"], back)
+    assert rt.ok and rt.tensors_equal == rt.tensors_total > 0
+
+
 def _missing_key(md):
     del md.state_dict_metadata["decoder.final_layernorm.weight"]
 
@@ -287,6 +315,8 @@ BAD_INPUT = {
     "a chunk with no storage": (lambda r: _rewrite_index(r, _chunk_without_storage), r"no storage entry"),
     "unknown key": (lambda r: _rewrite_index(r, _unknown_key), r"no GPT model parameter .*mlp\.mystery\.weight"),
     "key the args do not imply": (lambda r: _rewrite_index(r, _unimplied_key), r"do not imply \['output_layer"),
+    "a parameter under two names": (lambda r: _rewrite_index(r, _two_names), r"layer_norm_weight is stored under "
+                                                                             r"two names"),
     "missing model key": (lambda r: _rewrite_index(r, _missing_key), r"missing model keys \['decoder\.final_lay"),
     "wrong global shape": (lambda r: _rewrite_index(r, _wrong_global_shape), r"final_layernorm\.weight: global shape"),
     "blob of another shape": (_blob_with_wrong_shape, r"__9_0\.distcp \(chunk of 'decoder\.final_layernorm\.weight'.*"

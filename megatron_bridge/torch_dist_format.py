@@ -17,8 +17,9 @@ lets megatron-core load with our copy of the common state (megatron-core and PyT
 .metadata and byte objects without limits).
 
 Tensors are stored by global, layout-free keys (layers stacked on a leading axis), so a checkpoint saved at one
-TP/PP is loaded at another: megatron-core reshards at load. Saving and loading therefore run inside real
-megatron-core models under torchrun (see mcore_worker); this module holds the format facts and the safety checks.
+TP/PP is loaded at another: megatron-core reshards at load. Conversion therefore reads and writes the global tensors
+itself, in one process (torch_dist_reader, torch_dist_writer); verification loads them into real megatron-core models
+under torchrun (mcore_worker, through `dist_load`). This module holds the format facts and the safety checks.
 """
 from __future__ import annotations
 

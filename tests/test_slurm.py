@@ -377,3 +377,9 @@ def test_dry_run_scripts_for_every_job_are_valid_bash(work, tmp_path, monkeypatc
         assert slurm.main(["submit", job, *args, "--write", str(tmp_path / f"{job}.sbatch")]) == 0
         capsys.readouterr()
         assert (tmp_path / f"{job}.sbatch").read_text() == scripts[0]
+    # The Makefile wrapper prints the same script (its install step taken as done: -o install).
+    make = subprocess.run(["make", "-s", "-C", REPO, "-o", "install", "submit", "JOB=convert", "NODES=1", "GPUS=0",
+                           f"PYTHON={sys.executable}", "ARGS=hf mg --tp 2 --job-name wb-make", "DRY_RUN=1"],
+                          cwd=str(tmp_path), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+    assert make.returncode == 0, make.stderr
+    assert "#SBATCH --job-name=wb-make" in make.stdout and "--tp 2" in make.stdout

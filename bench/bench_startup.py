@@ -31,7 +31,8 @@ with contextlib.redirect_stdout(io.StringIO()):
         runpy.run_module("launch", run_name="__main__")
     except SystemExit:
         pass
-fams = [m for m in sys.modules if m.startswith("checkpoint_tools.families.") and m.count(".") == 2]
+fams = [m for m, mod in list(sys.modules.items())
+        if m.startswith("checkpoint_tools.families.") and hasattr(mod, "FAMILY")]
 print(json.dumps({"heavy": [m for m in %r if m in sys.modules], "families": len(fams)}), file=sys.stderr)
 """ % (HEAVY,)
 

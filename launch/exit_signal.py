@@ -54,3 +54,26 @@ class ExitSignal:
 
     def describe(self) -> str:
         return f"received {signal.Signals(self.signum).name}: saving and exiting"
+
+
+def trainer_callback(args):
+    """The same for the Hugging Face Trainer scripts (sft, pretrain_hf): on the agreed signal the Trainer writes a
+    checkpoint-N at once and stops; `stopped_at` tells the script to skip its final save, since the run is not
+    finished, and the next run resumes from that checkpoint."""
+    from transformers import TrainerCallback
+
+    class SaveAndStopOnSignal(TrainerCallback):
+        def __init__(self) -> None:
+            self.signal = ExitSignal(args)
+            self.stopped_at: Optional[int] = None
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if self.signal.agreed():  # every rank, every step: the ranks step together
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+                if state.is_world_process_zero:
+                    print(f"step {state.global_step}: {self.signal.describe()}", flush=True)
+            return control
+
+    return SaveAndStopOnSignal()

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+from launch import exit_signal
 from launch.pretrain_hf_data import REMAINDER_POLICY
 
 EPILOG = f"""\
@@ -310,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         resume = get_last_checkpoint(args.output_dir)
         if resume and is_main:
             print(f"resuming from {resume}", flush=True)
+    stop = exit_signal.trainer_callback(args)
+    trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:  # checkpoint-N is saved; the requeued run resumes there and saves the model
+        return 0
     if args.smoke:
         if eval_ds is not None:
             trainer.evaluate()

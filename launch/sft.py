@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from launch import exit_signal
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEEPSPEED_PRESETS = {"zero2": CONFIG_DIR / "ds_zero2.json", "zero3": CONFIG_DIR / "ds_zero3.json"}
 
@@ -97,6 +99,7 @@ def add_training_flags(p: argparse.ArgumentParser, *, lr: float, epochs: float, 
     tr.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     tr.add_argument("--report-to", default="tensorboard", help="Trainer loggers, comma-separated (default: "
                     "tensorboard; 'none' for none)")
+    exit_signal.add_flags(tr)
 
 
 def _split_passthrough(unknown: list[str]) -> list[str]:
@@ -303,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         resume = get_last_checkpoint(args.output_dir)
         if resume and is_main:
             print(f"resuming from {resume}", flush=True)
+    stop = exit_signal.trainer_callback(args)
+    trainer.add_callback(stop)
     trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:  # checkpoint-N is saved; the requeued run resumes there and saves the model
+        return 0
     trainer.save_model(args.output_dir)
     if is_main:
         tokenizer.save_pretrained(args.output_dir)

@@ -100,11 +100,17 @@ def _check_pretrain_gpt(args: list[str], opts: SubmitOptions) -> list[str]:
     if opts.max_requeues > 0 and not a.save:
         raise ValueError("pretrain_gpt on Slurm needs --save: a job stopped by its time limit or preemption saves "
                          "there and its requeued run resumes from it (or pass --max-requeues 0)")
-    if a.exit_signal_handler and a.exit_signal != JOBS["pretrain_gpt"].stop_signal:
-        raise ValueError(f"--exit-signal {a.exit_signal}: the Slurm script sends {JOBS['pretrain_gpt'].stop_signal}"
-                         f" (torchrun stops its workers on SIGTERM before they can save); drop --exit-signal")
-    if not a.exit_signal_handler:
-        args = [*args, "--exit-signal-handler", "--exit-signal", JOBS["pretrain_gpt"].stop_signal]
+    return _with_exit_signal("pretrain_gpt", args, a)
+
+
+def _with_exit_signal(job: str, args: list[str], parsed) -> list[str]:
+    """The ranks must save on the signal the script sends (SIGUSR1: torchrun would kill them on SIGTERM first)."""
+    wanted = JOBS[job].stop_signal
+    if parsed.exit_signal_handler and parsed.exit_signal != wanted:
+        raise ValueError(f"--exit-signal {parsed.exit_signal}: the Slurm script sends {wanted} (torchrun stops its "
+                         f"workers on SIGTERM before they can save); drop --exit-signal")
+    if not parsed.exit_signal_handler:
+        args = [*args, "--exit-signal-handler", "--exit-signal", wanted]
     return args
 
 
@@ -117,7 +123,7 @@ def _check_trainer(job: str) -> Callable[[list[str], SubmitOptions], list[str]]:
         if getattr(a, "no_resume", False) and opts.max_requeues > 0:
             raise ValueError(f"{job} --no-resume would make every requeued run start over; drop it (or pass "
                              f"--max-requeues 0)")
-        return args
+        return _with_exit_signal(job, args, a)
     return check
 
 
@@ -139,10 +145,11 @@ JOBS: dict[str, JobKind] = {
     "pretrain_gpt": JobKind(("-m", "launch.pretrain_gpt"), "torchrun", "SIGUSR1",
                             "loads --save once it holds a checkpoint (--exit-signal-handler saved it)",
                             _check_pretrain_gpt),
-    "sft": JobKind(("-m", "launch.sft"), "torchrun", "SIGTERM",
-                   "the Trainer resumes from the last checkpoint-N in --output-dir", _check_trainer("sft")),
-    "pretrain_hf": JobKind(("-m", "launch.pretrain_hf"), "torchrun", "SIGTERM",
-                           "the Trainer resumes from the last checkpoint-N in --output-dir",
+    "sft": JobKind(("-m", "launch.sft"), "torchrun", "SIGUSR1",
+                   "the Trainer resumes from the checkpoint-N it saved on the signal (--exit-signal-handler)",
+                   _check_trainer("sft")),
+    "pretrain_hf": JobKind(("-m", "launch.pretrain_hf"), "torchrun", "SIGUSR1",
+                           "the Trainer resumes from the checkpoint-N it saved on the signal (--exit-signal-handler)",
                            _check_trainer("pretrain_hf")),
     "infer": JobKind(("-m", "launch", "infer"), "per_node", "SIGTERM",
                      "finished items are in OUT.parts/ (flushed per item) and are skipped", _check_infer),

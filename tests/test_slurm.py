@@ -353,7 +353,7 @@ def test_dry_run_scripts_for_every_job_are_valid_bash(work, tmp_path, monkeypatc
         "convert": (["hf", "mg", "--tp", "2"], ["srun --nodes=1 --ntasks=1", "scancel --signal=TERM"]),
         "sft": (["--model", "m", "--data", "d.jsonl", "--output-dir", "runs/sft", "--nodes", "2", "--gpus-per-node",
                  "8"], ["--nproc-per-node 8", '--node-rank "$SLURM_NODEID"', "#SBATCH --gpus-per-node=8",
-                        "-m launch.sft", "scancel --signal=TERM"]),
+                        "-m launch.sft", "scancel --signal=USR1", "  --exit-signal-handler\n  --exit-signal SIGUSR1\n"]),
         "pretrain_hf": (["--model", "m", "--data", "d.jsonl", "--output-dir", "runs/pt", "--nodes", "2"],
                         ["--nproc-per-node 1", "-m launch.pretrain_hf"]),
         "infer": (["m", "in.jsonl", "out.jsonl", "--nodes", "4"],
@@ -383,3 +383,54 @@ def test_dry_run_scripts_for_every_job_are_valid_bash(work, tmp_path, monkeypatc
                           cwd=str(tmp_path), capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
     assert make.returncode == 0, make.stderr
     assert "#SBATCH --job-name=wb-make" in make.stdout and "--tp 2" in make.stdout
+
+
+def test_sft_saves_on_the_exit_signal_and_resumes_there(tmp_path, capsys):
+    """The Trainer scripts' --exit-signal-handler (what the Slurm script passes): SIGUSR1 mid-run writes a
+    checkpoint-N at once (N below --save-steps, so only the signal can have saved it), the run ends with exit 0 and
+    without a final model; the next run resumes from checkpoint-N and finishes. No Slurm needed: one process."""
+    import random
+    import signal
+    import threading
+
+    from _sft_helpers import build_model, build_tokenizer, chat_record
+    from _sft_helpers import write_jsonl as write_sft
+    from launch.sft import main
+
+    model = str(tmp_path / "model")
+    tok = build_tokenizer(model)
+    build_model(model, len(tok), seed=3)
+    rng = random.Random(2)
+    data = write_sft(str(tmp_path / "train.jsonl"), [chat_record(rng, c) for c in ["code", "math", "chat"] * 4])
+    out = str(tmp_path / "run")
+    common = ["--model", model, "--data", data, "--output-dir", out, "--max-length", "64", "--batch-size", "1",
+              "--save-steps", "1000", "--logging-steps", "1", "--disable_tqdm", "true", "--report-to", "none",
+              "--dataloader_pin_memory", "false", "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
+
+    def warn_once_armed():  # as Slurm's warning would: once the handler is in place (before, SIGUSR1 would kill)
+        deadline = time.monotonic() + 120
+        while signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=warn_once_armed, daemon=True)
+    sender.start()
+    try:
+        assert main(common + ["--max-steps", "400"]) == 0
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    first = capsys.readouterr().out
+    stopped = int(re.search(r"step (\d+): received SIGUSR1: saving and exiting", first).group(1))
+    assert 0 < stopped < 400, first[-2000:]
+    assert sorted(os.listdir(out)) == ["checkpoint-%d" % stopped]  # no final model: the run is not finished
+    try:
+        assert main(common + ["--max-steps", str(stopped + 2)]) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    second = capsys.readouterr().out
+    assert f"resuming from {os.path.join(out, f'checkpoint-{stopped}')}" in second
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out, f"checkpoint-{stopped + 2}", "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == stopped + 2

@@ -238,8 +238,16 @@ def read_registry(log_dir: str) -> list[dict]:
     path = os.path.join(log_dir, REGISTRY)
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a hand edit or a cut-off write: say where, keep the other jobs
+                print(f"warning: {path}:{number} is not a job record (not JSON); skipped", file=sys.stderr)
+    return records
 
 
 def jobs_main(argv: list[str]) -> int:

@@ -435,3 +435,21 @@ def test_sft_saves_on_the_exit_signal_and_resumes_there(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
     with open(os.path.join(out, f"checkpoint-{stopped + 2}", "trainer_state.json")) as f:
         assert json.load(f)["global_step"] == stopped + 2
+
+
+def test_without_slurm_the_fixture_fails_with_the_install_line(monkeypatch):
+    """No Slurm on PATH: the cluster fixture's reason names the missing programs and the apt-get line (it fails the
+    tests with it, never skips them)."""
+    from _slurm_cluster import missing_reason
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    why = missing_reason()
+    assert why is not None and "munged, slurmctld, slurmd" in why
+    assert "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge" in why
+    c = SlurmCluster()
+    try:
+        with pytest.raises(ClusterError, match="Slurm is not installed"):
+            c.start()
+    finally:
+        c.stop()
+    assert not os.path.exists(c.root)

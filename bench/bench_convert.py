@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -166,6 +167,7 @@ def timed(cmd: list[str], cold: bool) -> dict:
         with open(DROP_CACHES, "w") as f:
             f.write("3")
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak = [0, 0]
@@ -182,8 +184,10 @@ def timed(cmd: list[str], cold: bool) -> dict:
     th.join()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{err[-2000:]}")
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole tree: each process waited for its children
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     os.sync()  # until the bytes are on disk: page-cache speed differs wildly between one big write and many small
-    return {"seconds": time.perf_counter() - t0, "anon": peak[0], "file": peak[1]}
+    return {"seconds": time.perf_counter() - t0, "cpu": cpu, "anon": peak[0], "file": peak[1]}
 
 
 USERSPACE_COPY = (
@@ -210,6 +214,7 @@ def repeat(runs: int, make_cmd, cleanup, cold: bool) -> list[dict]:
 def summary(samples: list[dict]) -> dict:
     secs = [s["seconds"] for s in samples]
     return {"min_s": min(secs), "median_s": statistics.median(secs), "max_s": max(secs),
+            "cpu_median_s": statistics.median(s["cpu"] for s in samples),
             "peak_anon_gb": max(s["anon"] for s in samples) / GB, "peak_file_gb": max(s["file"] for s in samples) / GB}
 
 
@@ -275,11 +280,13 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
             row.update(summary(samples))
             row.update(source_gb=dir_bytes(path[source]) / GB, cp_median_s=fl["cp"]["median_s"],
                        user_copy_median_s=fl["user_copy"]["median_s"], user_copy_min_s=fl["user_copy"]["min_s"],
-                       user_copy_max_s=fl["user_copy"]["max_s"],
+                       user_copy_max_s=fl["user_copy"]["max_s"], user_copy_cpu_s=fl["user_copy"]["cpu_median_s"],
+                       x_copy_cpu=row["cpu_median_s"] / fl["user_copy"]["cpu_median_s"],
                        x_cp=row["median_s"] / fl["cp"]["median_s"], x_copy=row["median_s"] / fl["user_copy"]["median_s"])
         except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
             row["error"] = str(e).strip().splitlines()[-1][:200]
             shutil.rmtree(path["out"], ignore_errors=True)
+        row["load_avg_start"], row["load_avg_end"] = load0[0], os.getloadavg()[0]
         rows.append(row)
         print(json.dumps(row), flush=True)
         # Free the disk as soon as no later direction reads a source.
@@ -290,27 +297,28 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
     if not a.keep:
         for p in path.values():
             shutil.rmtree(p, ignore_errors=True)
-    load1 = os.getloadavg()
-    for r in rows:
-        r["load_avg_start"], r["load_avg_end"] = load0[0], load1[0]
     return rows
 
 
-def print_table(rows: list[dict], a: argparse.Namespace, cold: bool) -> None:
-    print(f"\n{a.runs} runs each, TP={a.tp} PP={a.pp} (legacy->legacy to TP,PP={a.reshard}); "
+def print_table(rows: list[dict], runs: int, tp: int, pp: int, reshard: str, cold: bool) -> None:
+    print(f"\n{runs} runs each, TP={tp} PP={pp} (legacy->legacy to TP,PP={reshard}); "
           f"{'cold page cache before every run (drop_caches)' if cold else 'warm page cache (no permission to drop it)'}"
           f"; times until the bytes are on disk (sync).\nx cp / x copy: median time over the median of `cp -r` / of a "
-          f"user-space read+write copy of the same source; anon/file: peak RSS summed over the process tree.")
+          f"user-space read+write copy of the same source; cpu: CPU seconds (user+sys) of the process tree, x cpu: "
+          f"over the copy's (less sensitive to a shared machine); anon/file: peak RSS summed over the process tree.")
     print(f"{'size':>7} {'GB':>6} {'direction':>14} | {'min s':>6} {'med s':>6} {'max s':>6} | {'copy s':>6} "
-          f"{'x cp':>5} {'x copy':>6} | {'anon GB':>7} {'file GB':>7} | {'out file GB':>11} | load")
+          f"{'x cp':>5} {'x copy':>6} | {'cpu s':>6} {'x cpu':>5} | {'anon GB':>7} {'file GB':>7} | "
+          f"{'out file GB':>11} | load")
+    nan = float("nan")
     for r in rows:
         if "error" in r:
             print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | failed: {r['error']}")
             continue
         print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | {r['min_s']:6.1f} {r['median_s']:6.1f} "
               f"{r['max_s']:6.1f} | {r['user_copy_median_s']:6.1f} {r['x_cp']:5.2f} {r['x_copy']:6.2f} | "
-              f"{r['peak_anon_gb']:7.2f} {r['peak_file_gb']:7.2f} | {r['largest_out_file_gb']:11.2f} | "
-              f"{r['load_avg_start']:.1f}-{r['load_avg_end']:.1f}")
+              f"{r.get('cpu_median_s', nan):6.1f} {r.get('x_copy_cpu', nan):5.2f} | {r['peak_anon_gb']:7.2f} "
+              f"{r['peak_file_gb']:7.2f} | {r['largest_out_file_gb']:11.2f} | "
+              f"{r.get('load_avg_start', nan):.1f}-{r.get('load_avg_end', nan):.1f}")
 
 
 def main(argv=None) -> int:
@@ -340,7 +348,7 @@ def main(argv=None) -> int:
     finally:
         if not a.keep and not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, a, cold)
+    print_table(rows, a.runs, a.tp, a.pp, a.reshard, cold)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -6,12 +6,12 @@
 For each size it writes a random bf16 Hugging Face checkpoint of that shape (streamed, never whole in memory) and
 runs every direction through the project CLI in a subprocess, `--runs` times each:
 
-    bin->legacy    HF `pytorch_model-0000N-of-0000M.bin` shards + index (written by torch.save) -> legacy TPxPP
-    hf->legacy     HF safetensors -> legacy TPxPP
-    legacy->hf     legacy TPxPP -> HF safetensors
-    legacy->legacy legacy TPxPP -> legacy at --reshard (default TP1 PP2): merge and split again
-    hf->dist       HF safetensors -> torch_dist TPxPP
-    dist->hf       torch_dist -> HF safetensors
+    bin_to_legacy     HF `pytorch_model-0000N-of-0000M.bin` shards + index (written by torch.save) -> legacy TPxPP
+    hf_to_legacy      HF safetensors -> legacy TPxPP
+    legacy_to_hf      legacy TPxPP -> HF safetensors
+    legacy_to_legacy  legacy TPxPP -> legacy at --reshard (default TP1 PP2): merge and split again
+    hf_to_torch_dist  HF safetensors -> torch_dist TPxPP
+    torch_dist_to_hf  torch_dist -> HF safetensors
 
 Each is compared with two floors measured in the same run on its source folder: `cp -r` (an in-kernel
 copy_file_range here, which a converter whose bytes pass through user space cannot use) and a read/write copy
@@ -57,9 +57,9 @@ SHAPES = {  # public Llama shapes
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-DIRECTIONS = ("bin->legacy", "hf->legacy", "legacy->hf", "legacy->legacy", "hf->dist", "dist->hf")
-SOURCE_OF = {"bin->legacy": "bin", "hf->legacy": "hf", "legacy->hf": "legacy", "legacy->legacy": "legacy",
-             "hf->dist": "hf", "dist->hf": "dist"}
+DIRECTIONS = ("bin_to_legacy", "hf_to_legacy", "legacy_to_hf", "legacy_to_legacy", "hf_to_torch_dist", "torch_dist_to_hf")
+SOURCE_OF = {"bin_to_legacy": "bin", "hf_to_legacy": "hf", "legacy_to_hf": "legacy", "legacy_to_legacy": "legacy",
+             "hf_to_torch_dist": "hf", "torch_dist_to_hf": "dist"}
 GB = 1024**3
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -240,9 +240,9 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
         shutil.rmtree(p, ignore_errors=True)
     layout = ["--tp", str(a.tp), "--pp", str(a.pp)]
     rtp, rpp = (int(x) for x in a.reshard.split(","))
-    flags = {"bin->legacy": layout, "hf->legacy": layout, "legacy->hf": [],
-             "legacy->legacy": ["--tp", str(rtp), "--pp", str(rpp)], "hf->dist": layout + ["--format", "torch_dist"],
-             "dist->hf": []}
+    flags = {"bin_to_legacy": layout, "hf_to_legacy": layout, "legacy_to_hf": [],
+             "legacy_to_legacy": ["--tp", str(rtp), "--pp", str(rpp)],
+             "hf_to_torch_dist": layout + ["--format", "torch_dist"], "torch_dist_to_hf": []}
     wanted = [d for d in DIRECTIONS if d in a.directions.split(",")]
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -301,20 +301,20 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
 
 
 def print_table(rows: list[dict], runs: int, tp: int, pp: int, reshard: str, cold: bool) -> None:
-    print(f"\n{runs} runs each, TP={tp} PP={pp} (legacy->legacy to TP,PP={reshard}); "
+    print(f"\n{runs} runs each, TP={tp} PP={pp} (legacy_to_legacy to TP,PP={reshard}); "
           f"{'cold page cache before every run (drop_caches)' if cold else 'warm page cache (no permission to drop it)'}"
           f"; times until the bytes are on disk (sync).\nx cp / x copy: median time over the median of `cp -r` / of a "
           f"user-space read+write copy of the same source; cpu: CPU seconds (user+sys) of the process tree, x cpu: "
           f"over the copy's (less sensitive to a shared machine); anon/file: peak RSS summed over the process tree.")
-    print(f"{'size':>7} {'GB':>6} {'direction':>14} | {'min s':>6} {'med s':>6} {'max s':>6} | {'copy s':>6} "
+    print(f"{'size':>7} {'GB':>6} {'direction':>16} | {'min s':>6} {'med s':>6} {'max s':>6} | {'copy s':>6} "
           f"{'x cp':>5} {'x copy':>6} | {'cpu s':>6} {'x cpu':>5} | {'anon GB':>7} {'file GB':>7} | "
           f"{'out file GB':>11} | load")
     nan = float("nan")
     for r in rows:
         if "error" in r:
-            print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | failed: {r['error']}")
+            print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>16} | failed: {r['error']}")
             continue
-        print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>14} | {r['min_s']:6.1f} {r['median_s']:6.1f} "
+        print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>16} | {r['min_s']:6.1f} {r['median_s']:6.1f} "
               f"{r['max_s']:6.1f} | {r['user_copy_median_s']:6.1f} {r['x_cp']:5.2f} {r['x_copy']:6.2f} | "
               f"{r.get('cpu_median_s', nan):6.1f} {r.get('x_copy_cpu', nan):5.2f} | {r['peak_anon_gb']:7.2f} "
               f"{r['peak_file_gb']:7.2f} | {r['largest_out_file_gb']:11.2f} | "
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, help="keep the shape's tensors but only this many layers (e.g. 70b with 2)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--reshard", default="1,2", help="TP,PP of the legacy->legacy output (default 1,2)")
+    p.add_argument("--reshard", default="1,2", help="TP,PP of the legacy_to_legacy output (default 1,2)")
     p.add_argument("--directions", default=",".join(DIRECTIONS), help="comma-separated of " + ",".join(DIRECTIONS))
     p.add_argument("--runs", type=int, default=3, help="runs per direction and per floor (median reported)")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between runs")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype is used: `inspect` reads checkpoints without it
+    import torch
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -105,6 +106,8 @@ class CanonicalConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict:

@@ -16,14 +16,10 @@ from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.layout import (EMBEDDING, LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param,
                                     canonical_layer_names, global_params, layer_prefix, stage_layers)
 from megatron_bridge.legacy_format import LegacyCheckpoint
-from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
-                                          true_vocab_from_args)
+from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, detect_name_style,  # noqa: F401
+                                          shape_from_args, true_vocab_from_args)
 
 log = logging.getLogger(__name__)
-
-
-def detect_name_style(state_dict: dict) -> str:
-    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state_dict) else "local"
 
 
 class MegatronSource(TensorSource):

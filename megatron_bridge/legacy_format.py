@@ -15,9 +15,7 @@ import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
-
-import torch
+from typing import Any, Callable, Iterable, Optional
 
 from checkpoint_tools.pickle_trust import PolicyLike, trust_policy
 from checkpoint_tools.errors import CheckpointError
@@ -74,6 +72,8 @@ def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, p
     d = os.path.join(root, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp))
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, FILE_NAME)
+    import torch  # here, not at the top: reading a checkpoint (`inspect`) can go without torch
+
     torch.save(payload, path)
     return path
 
@@ -126,11 +126,12 @@ def _crc_checks(paths: list[str], enabled: bool) -> tuple[Optional[ThreadPoolExe
 
 
 def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable[str] = (),
-                check_data: bool = True) -> LegacyCheckpoint:
+                check_data: bool = True, loader: Callable[..., Any] = safe_torch_load) -> LegacyCheckpoint:
     """Every rank file, each scanned and loaded under the trust policy (plus `extra_globals` a user trusts).
 
     `check_data` verifies every record's CRC first (memory-mapped tensors are otherwise never checked); describing
-    a checkpoint without using its tensors (`inspect`) can skip it."""
+    a checkpoint without using its tensors (`inspect`) can skip it, and read shapes only with
+    `loader=checkpoint_tools.pickle_peek.peek_torch_file` (same policy, no torch)."""
     policy = trust_policy(policy).with_extra(extra_globals)
     if not is_legacy_checkpoint(root):
         raise CheckpointError(f"{root}: no {TRACKER}; not a Megatron legacy checkpoint")
@@ -148,7 +149,7 @@ def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable
     try:
         if check_data:
             checks[first].result()
-        payload0 = safe_torch_load(first, policy=policy)
+        payload0 = loader(first, policy=policy)
         args = payload0.get("args")
         if args is None:
             raise CheckpointError(f"{first}: no 'args' in the checkpoint; cannot tell its architecture")
@@ -173,7 +174,7 @@ def open_legacy(root: str, policy: PolicyLike = None, *, extra_globals: Iterable
                 raise CheckpointError(f"{path} is missing")
             if check_data:
                 checks[path].result()
-            ranks[key] = safe_torch_load(path, policy=policy)
+            ranks[key] = loader(path, policy=policy)
     except BaseException:
         if pool is not None:  # do not wait for the other files' reads before reporting
             pool.shutdown(wait=False, cancel_futures=True)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from checkpoint_tools.canonical import CanonicalConfig
-from megatron_bridge.layout import Arch
-from megatron_bridge.param_kinds import Shape
+
+if TYPE_CHECKING:  # imported where used: reading args (`inspect`) needs neither torch nor the tensor kinds
+    from megatron_bridge.layout import Arch
+    from megatron_bridge.param_kinds import Shape
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,8 @@ def args_from_canonical(cfg: CanonicalConfig, *, tp: int = 1, pp: int = 1, vpp: 
         a.num_layers_per_virtual_pipeline_stage = cfg.num_layers // (pp * vpp)
     a.world_size = tp * pp
     a.seq_length = a.encoder_seq_length = seq_length or min(cfg.max_position_embeddings, 4096)
+    import torch
+
     dtype = cfg.torch_dtype
     a.params_dtype = dtype
     a.bf16 = dtype == torch.bfloat16
@@ -345,7 +347,14 @@ def rms_norm_eps_from_args(a: argparse.Namespace) -> float:
     return float(v if v is not None else FIELDS["rms_norm_eps"].megatron_default)
 
 
+def detect_name_style(state_dict: dict) -> str:
+    """'te' (Transformer Engine's fused layer-norm names) or 'local', from a model state dict's keys."""
+    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state_dict) else "local"
+
+
 def arch_from_args(a: argparse.Namespace) -> Arch:
+    from megatron_bridge.layout import Arch
+
     a = legacy_arg_names(a)
     return Arch(qkv_bias=bool(getattr(a, "add_qkv_bias", False) or getattr(a, "add_bias_linear", False)),
                 linear_bias=bool(getattr(a, "add_bias_linear", False)),
@@ -354,6 +363,8 @@ def arch_from_args(a: argparse.Namespace) -> Arch:
 
 
 def shape_from_args(a: argparse.Namespace, vocab_size: int) -> Shape:
+    from megatron_bridge.param_kinds import Shape
+
     ng = a.num_query_groups if getattr(a, "group_query_attention", False) else a.num_attention_heads
     hd = getattr(a, "kv_channels", None) or a.hidden_size // a.num_attention_heads
     return Shape(num_heads=a.num_attention_heads, num_groups=ng, head_dim=hd, vocab_size=vocab_size,

@@ -12,7 +12,6 @@ import shutil
 from typing import Optional
 
 from checkpoint_tools.canonical import CanonicalConfig
-from checkpoint_tools.hf_checkpoint import copy_assets
 
 SIDECAR = "workbench.json"
 ASSETS_DIR = "hf_assets"
@@ -27,6 +26,8 @@ def write_sidecar(root: str, cfg: CanonicalConfig, *, family: Optional[str], hf_
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     if assets_from and os.path.isdir(assets_from):
+        from checkpoint_tools.hf_checkpoint import copy_assets  # torch-heavy: `inspect` only reads the sidecar
+
         dst = os.path.join(root, ASSETS_DIR)
         os.makedirs(dst, exist_ok=True)
         copy_assets(assets_from, dst)

@@ -29,6 +29,7 @@ from typing import Optional
 
 from checkpoint_tools.pickle_trust import (PolicyLike, load_pickle_file, load_torch_bytes, load_torch_file,
                                            scan_torch_bytes, trust_policy)
+from checkpoint_tools.pickle_peek import StandIn, peek_pickle_file, peek_torch_bytes, peek_torch_file
 from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.legacy_format import TRACKER, iteration_dir_name, read_tracker
 
@@ -52,12 +53,24 @@ def is_torch_dist_checkpoint(root: str) -> bool:
         return False
 
 
-def read_dcp_metadata(root: str, policy: PolicyLike = None):
-    """The DCP index (torch.distributed.checkpoint.metadata.Metadata), scanned and unpickled under the policy."""
+def read_dcp_metadata(root: str, policy: PolicyLike = None, *, light: bool = False):
+    """The DCP index (torch.distributed.checkpoint.metadata.Metadata), scanned and unpickled under the policy;
+    `light`: as checkpoint_tools.pickle_peek stand-ins, without importing torch (same vetting)."""
     path = os.path.join(iteration_dir(root), ".metadata")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: an incomplete torch_dist checkpoint")
-    return load_pickle_file(path, policy)
+    return (peek_pickle_file if light else load_pickle_file)(path, policy)
+
+
+def _is_byte_object(entry) -> bool:
+    """Whether an index entry describes a byte object, for an index loaded by torch or as pickle_peek stand-ins."""
+    if isinstance(entry, StandIn):
+        return entry.origin == ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata")
+    if entry is None:
+        return False
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    return isinstance(entry, BytesStorageMetadata)
 
 
 def read_common(root: str, policy: PolicyLike = None) -> dict:
@@ -69,16 +82,14 @@ def read_common(root: str, policy: PolicyLike = None) -> dict:
     return _common_from_shards(it_dir, read_dcp_metadata(root, policy), policy)
 
 
-def _common_from_shards(it_dir: str, md, policy: PolicyLike = None) -> dict:
+def _common_from_shards(it_dir: str, md, policy: PolicyLike = None, light: bool = False) -> dict:
     """The `common_state` byte object: read by its byte range in the .distcp file the index names, scanned, then
     loaded weights-only. PyTorch DCP is never asked to load it (it would unpickle it without limits)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     found = [(i, info) for i, info in (md.storage_data or {}).items() if i.fqn == COMMON_STATE_KEY]
     if not found:
         raise CheckpointError(f"{it_dir}: neither {COMMON_FILE} (megatron-core <= 0.16) nor a {COMMON_STATE_KEY!r} "
                               f"object in .metadata (megatron-core >= 0.17): an incomplete torch_dist checkpoint")
-    if len(found) > 1 or not isinstance(md.state_dict_metadata.get(COMMON_STATE_KEY), BytesStorageMetadata):
+    if len(found) > 1 or not _is_byte_object(md.state_dict_metadata.get(COMMON_STATE_KEY)):
         raise CheckpointError(f"{it_dir}: .metadata describes {COMMON_STATE_KEY!r} as {len(found)} entries of "
                               f"{type(md.state_dict_metadata.get(COMMON_STATE_KEY)).__name__}; megatron-core "
                               f"writes one byte object")
@@ -86,7 +97,7 @@ def _common_from_shards(it_dir: str, md, policy: PolicyLike = None) -> dict:
     path = os.path.join(it_dir, info.relative_path)
     where = f"{path} (byte object {COMMON_STATE_KEY!r})"
     data = _read_byte_object(path, info, where)
-    common = load_torch_bytes(data, where, policy)
+    common = (peek_torch_bytes if light else load_torch_bytes)(data, where, policy)
     if not (isinstance(common, list) and len(common) == 1 and isinstance(common[0], dict)):
         raise CheckpointError(f"{where}: holds {type(common).__name__}, not the [common state dict] megatron-core "
                               f"saves")
@@ -113,12 +124,10 @@ def vet_byte_objects(root: str, md, policy: PolicyLike = None) -> int:
     """Scan every byte object of the index (torch.save payloads inside the .distcp files: `_extra_state`, RNG and
     optimizer objects) under the policy. PyTorch DCP loads them with `torch.load(weights_only=False)`, so this
     scan is all that stands between a crafted .distcp file and code execution. Returns how many were scanned."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     it_dir = iteration_dir(root)
     count = 0
     for index, info in (md.storage_data or {}).items():
-        if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+        if not _is_byte_object(md.state_dict_metadata.get(index.fqn)):
             continue
         path = os.path.join(it_dir, info.relative_path)
         where = f"{path} (byte object {index.fqn!r})"
@@ -127,10 +136,10 @@ def vet_byte_objects(root: str, md, policy: PolicyLike = None) -> int:
     return count
 
 
-def validate(root: str, policy: PolicyLike = None) -> dict:
+def validate(root: str, policy: PolicyLike = None, *, light: bool = False) -> dict:
     """Check that every file the index names exists and is long enough and that every pickle in the checkpoint
     (common.pt or the common_state object, .metadata, byte objects) passes the trust policy; return the common
-    state dict."""
+    state dict. `light`: read through checkpoint_tools.pickle_peek (stand-ins, no torch import)."""
     it_dir = iteration_dir(root)
     with open(os.path.join(it_dir, "metadata.json")) as f:
         meta = json.load(f)
@@ -139,8 +148,9 @@ def validate(root: str, policy: PolicyLike = None) -> dict:
     if any(n.startswith("mp_rank_") for n in os.listdir(it_dir)):
         raise CheckpointError(f"{it_dir}: holds both torch_dist files and legacy mp_rank_* folders; separate them")
     has_file = os.path.exists(os.path.join(it_dir, COMMON_FILE))
-    common = load_torch_file(os.path.join(it_dir, COMMON_FILE), policy, mmap=False) if has_file else None
-    md = read_dcp_metadata(root, policy)
+    load = peek_torch_file if light else load_torch_file
+    common = load(os.path.join(it_dir, COMMON_FILE), policy, mmap=False) if has_file else None
+    md = read_dcp_metadata(root, policy, light=light)
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -154,14 +164,15 @@ def validate(root: str, policy: PolicyLike = None) -> dict:
     if problems:
         raise CheckpointError(f"{it_dir}: " + "; ".join(problems))
     if common is None:
-        common = _common_from_shards(it_dir, md, policy)
+        common = _common_from_shards(it_dir, md, policy, light)
     vet_byte_objects(root, md, policy)
     return common
 
 
-def tensor_index(root: str, policy: PolicyLike = None) -> dict[str, tuple[tuple[int, ...], Optional[str]]]:
+def tensor_index(root: str, policy: PolicyLike = None, *, light: bool = False
+                 ) -> dict[str, tuple[tuple[int, ...], Optional[str]]]:
     """Global key -> (global shape, dtype name) for every tensor in the checkpoint (no tensor data read)."""
-    md = read_dcp_metadata(root, policy)
+    md = read_dcp_metadata(root, policy, light=light)
     out = {}
     for key, m in md.state_dict_metadata.items():
         size = getattr(m, "size", None)

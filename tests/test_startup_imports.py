@@ -6,6 +6,8 @@ leave out, and why it matters (CPU seconds of the import alone, measured by the 
     parser, so help is as fast as Python's own start;
   - conversions and `inspect`, any format: megatron-core (its import pulls in its whole model zoo) and
     transformers; none of them builds a model;
+  - `inspect` of a legacy or torch_dist checkpoint: torch itself (checkpoint_tools.pickle_peek reads the pickles
+    as shape/dtype stand-ins), so it starts about as fast as Python does;
   - the Hugging Face and legacy paths: PyTorch DCP (`torch.distributed.checkpoint`, about 1 s more), which only the
     torch_dist format needs.
 """
@@ -76,7 +78,6 @@ def test_help_imports_no_framework(argv, tmp_path):
 def test_hf_and_legacy_paths_import_no_megatron_core_transformers_or_dcp(ckpts, tmp_path):
     hf, legacy, root = ckpts["hf"], ckpts["legacy"], ckpts["root"]
     commands = [
-        ("inspect", legacy),
         ("inspect", hf),
         ("convert", hf, str(root / "plan_only"), "--dry-run"),
         ("convert", hf, str(root / "hf_to_legacy"), "--tp", "2", "--no-progress"),
@@ -91,9 +92,17 @@ def test_hf_and_legacy_paths_import_no_megatron_core_transformers_or_dcp(ckpts, 
     assert not os.path.exists(root / "plan_only")
 
 
+def test_inspect_of_megatron_checkpoints_imports_no_torch(ckpts, tmp_path):
+    for fmt in ("legacy", "torch_dist"):
+        modules = imported(tmp_path, "inspect", ckpts[fmt])
+        assert "megatron_bridge.inspect_checkpoint" in modules and "checkpoint_tools.pickle_peek" in modules
+        heavy = leaves_out(modules, "torch", "numpy", MEGATRON_CORE, TRANSFORMERS)
+        assert not heavy, (fmt, heavy[:10])
+
+
 def test_torch_dist_paths_import_no_megatron_core_or_transformers(ckpts, tmp_path):
     dist, root = ckpts["torch_dist"], ckpts["root"]
-    for argv in [("inspect", dist), ("convert", dist, str(root / "dist_to_hf"), "--no-progress")]:
+    for argv in [("convert", dist, str(root / "dist_to_hf"), "--no-progress")]:
         modules = imported(tmp_path, *argv)
         assert DCP in modules  # the torch_dist reader did run
         assert not leaves_out(modules, MEGATRON_CORE, TRANSFORMERS), (argv, leaves_out(

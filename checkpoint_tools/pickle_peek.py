@@ -122,7 +122,8 @@ def stand_in_class(module: str, name: str) -> type:
 
 
 def is_stand_in(obj: Any, module: str, name: str) -> bool:
-    return isinstance(obj, StandIn) and obj.origin == (module, name)
+    """Whether `obj` stands for an object of `module.name` (its class says so: pickled state cannot change that)."""
+    return isinstance(obj, StandIn) and type(obj).origin == (module, name)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
@@ -189,6 +190,9 @@ def light_global(module: str, name: str) -> Any:
     return stand_in_class(module, name)
 
 
+_UNTYPED_STORAGES = {("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage")}
+
+
 class _PeekUnpickler(pickle.Unpickler):
     """Resolves only the policy's exact pairs, each to its stand-in; tensor storages to their dtype."""
 
@@ -207,7 +211,7 @@ class _PeekUnpickler(pickle.Unpickler):
         storage = pid[1] if isinstance(pid, tuple) and len(pid) >= 2 else None
         if isinstance(storage, _StorageRecord):
             return storage
-        if isinstance(storage, type) and issubclass(storage, StandIn):  # torch.storage.UntypedStorage/TypedStorage
+        if isinstance(storage, type) and issubclass(storage, StandIn) and storage.origin in _UNTYPED_STORAGES:
             return _StorageRecord(TorchName("torch", "uint8"))
         raise pickle.UnpicklingError(f"persistent id {pid!r} is not torch's ('storage', <storage type>, ...) form")
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 from checkpoint_tools.pickle_trust import (PolicyLike, load_pickle_file, load_torch_bytes, load_torch_file,
                                            scan_torch_bytes, trust_policy)
-from checkpoint_tools.pickle_peek import StandIn, peek_pickle_file, peek_torch_bytes, peek_torch_file
+from checkpoint_tools.pickle_peek import StandIn, is_stand_in, peek_pickle_file, peek_torch_bytes, peek_torch_file
 from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.legacy_format import TRACKER, iteration_dir_name, read_tracker
 
@@ -65,7 +65,7 @@ def read_dcp_metadata(root: str, policy: PolicyLike = None, *, light: bool = Fal
 def _is_byte_object(entry) -> bool:
     """Whether an index entry describes a byte object, for an index loaded by torch or as pickle_peek stand-ins."""
     if isinstance(entry, StandIn):
-        return entry.origin == ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata")
+        return is_stand_in(entry, "torch.distributed.checkpoint.metadata", "BytesStorageMetadata")
     if entry is None:
         return False
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata

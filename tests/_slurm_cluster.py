@@ -25,6 +25,7 @@ PACKAGES = "slurmctld slurmd slurm-client munge"
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 NODES = ("wbn1", "wbn2")
 CPUS_PER_NODE = 4
+CRED_EXPIRE = 10  # seconds
 
 
 class ClusterError(RuntimeError):
@@ -108,7 +109,9 @@ SlurmctldPort={ctld_port}
 SlurmdPort={node_ports[0]}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+# cred_expire is also how long a requeued job waits (Slurm 22.05's default: 120 s); releasing it earlier by hand
+# races with the node still refusing the old run's revoked credential ("Job credential revoked", seen).
+AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
@@ -168,17 +171,14 @@ PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
         return dict(part.split("=", 1) for part in out.split() if "=" in part)
 
     def wait(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-             timeout: float = 300, release_requeued: bool = True) -> dict:
-        """Wait for a job to reach one of `states`. A requeued job waits 120 s before it may start again
-        (Slurm's own delay); with `release_requeued` the test lets it start at once (scontrol update StartTime)."""
+             timeout: float = 300) -> dict:
+        """Wait for a job to reach one of `states` (a requeued job waits CRED_EXPIRE seconds before it restarts)."""
         deadline = time.monotonic() + timeout
         info: dict = {}
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
-            if release_requeued and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.5)
         raise ClusterError(f"job {job_id} still {info.get('JobState')} ({info.get('Reason')}) after {timeout:.0f} s"
                            f"\n{self.logs()}")

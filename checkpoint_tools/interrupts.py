@@ -87,6 +87,14 @@ def interrupts_deferred() -> Iterator[None]:
 
 # ---- child processes: stop them before the cleanup that follows an interrupt ----
 
+def die_with_parent() -> None:
+    """Arm the calling process to get SIGTERM when its parent dies (a torchrun worker whose agent was stopped
+    before it could stop its workers: a SIGTERM during start-up can do that). No-op where prctl is unavailable."""
+    arm = _die_with(os.getppid())
+    if arm is not None:
+        arm()
+
+
 def _die_with(parent: int):
     """For the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux), so a killed
     conversion's torchrun stops its workers instead of leaving them writing into a folder the next run removes."""
@@ -122,10 +130,15 @@ def run_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[floa
     except BaseException:
         proc.terminate()
         try:
-            proc.communicate(timeout=grace)
+            if on_stderr_line is None:
+                proc.communicate(timeout=grace)
+            else:
+                # The pump threads still drain both pipes. communicate() here would race them for each read and
+                # could block in os.read past its timeout, until the last holder of the pipe exits.
+                proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            proc.wait()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -17,6 +17,13 @@ import json
 import os
 import sys
 
+if __name__ == "__main__":
+    # Armed before the seconds of imports below: a torchrun stopped during our start-up must not leave us
+    # waiting on its rendezvous for ever, holding the launcher's pipes open.
+    from checkpoint_tools.interrupts import die_with_parent
+
+    die_with_parent()
+
 import torch
 import torch.distributed as dist
 

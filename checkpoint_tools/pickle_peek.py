@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpoint_tools.errors import CheckpointError
-from checkpoint_tools.pickle_trust import PolicyLike, TrustPolicy, _zip_pickle, scan_pickle, trust_policy
+from checkpoint_tools.pickle_trust import (PolicyLike, TrustPolicy, _zip_pickle, read_file_bytes, scan_pickle,
+                                           trust_policy)
 
 # torch's legacy storage class (named in a tensor's persistent id) -> the dtype of its elements.
 _STORAGE_DTYPES = {
@@ -239,10 +240,5 @@ def peek_torch_bytes(data: bytes, where: str, policy: PolicyLike = None) -> Any:
 
 def peek_pickle_file(path: str, policy: PolicyLike = None) -> Any:
     """A plain pickle (the DCP `.metadata` index) as stand-ins of its classes."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    return _peek(data, path, trust_policy(policy), torch_storages=False)
+    return _peek(read_file_bytes(path), path, trust_policy(policy), torch_storages=False)
 

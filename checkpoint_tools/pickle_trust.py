@@ -507,10 +507,14 @@ def load_pickle_bytes(data: bytes, where: str, policy: PolicyLike = None) -> Any
         raise CheckpointError(f"{where}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
 
 
-def load_pickle_file(path: str, policy: PolicyLike = None) -> Any:
+def read_file_bytes(path: str) -> bytes:
+    """The whole file, or a CheckpointError naming it (a plain pickle is read whole before it is scanned)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
-    return load_pickle_bytes(data, path, policy)
+
+
+def load_pickle_file(path: str, policy: PolicyLike = None) -> Any:
+    return load_pickle_bytes(read_file_bytes(path), path, policy)

@@ -16,8 +16,8 @@ from checkpoint_tools.errors import CheckpointError
 from megatron_bridge.layout import (EMBEDDING, LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param,
                                     canonical_layer_names, global_params, layer_prefix, stage_layers)
 from megatron_bridge.legacy_format import LegacyCheckpoint
-from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, detect_name_style,  # noqa: F401
-                                          shape_from_args, true_vocab_from_args)
+from megatron_bridge.megatron_args import (arch_from_args, detect_name_style,  # noqa: F401
+                                          shape_from_args, source_config)
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,7 @@ class MegatronSource(TensorSource):
                  vocab_size: Optional[int] = None):
         self.ckpt = ckpt
         args = ckpt.args
-        try:
-            self.config = canonical_from_args(args, base_config)
-        except ValueError as e:  # name the checkpoint: the args alone do not say which one
-            raise ValueError(f"{ckpt.root}: {e}") from None
-        if vocab_size is not None:
-            self.config.vocab_size = vocab_size
-        # Whether config.vocab_size is the tokenizer's (recorded, given, or in args) or only the stored row count.
-        self.vocab_known = (base_config is not None or vocab_size is not None
-                            or true_vocab_from_args(args) is not None)
-        if self.config.vocab_size > args.padded_vocab_size:
-            raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
+        self.config, self.vocab_known = source_config(args, ckpt.root, base_config, vocab_size)
         self.arch = arch_from_args(args)
         self.shape = shape_from_args(args, self.config.vocab_size)
         pp, vpp = ckpt.pp, ckpt.vpp

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from checkpoint_tools.canonical import CanonicalConfig
+from checkpoint_tools.errors import CheckpointError
 
 if TYPE_CHECKING:  # imported where used: reading args (`inspect`) needs neither torch nor the tensor kinds
     from megatron_bridge.layout import Arch
@@ -312,6 +313,23 @@ def true_vocab_from_args(a: argparse.Namespace) -> Optional[int]:
     if v is None:
         return None
     return int(v) + 1 if getattr(a, "tokenizer_type", None) in _TOKENIZERS_WITH_EOD_AFTER_VOCAB else int(v)
+
+
+def source_config(a: argparse.Namespace, where: str, base: Optional[CanonicalConfig] = None,
+                  vocab_size: Optional[int] = None) -> tuple[CanonicalConfig, bool]:
+    """The canonical config a Megatron checkpoint's args describe (`base` and `vocab_size` as given by the caller),
+    and whether its vocab_size is the tokenizer's (recorded, given, or in args) or only the stored row count.
+    `where` names the checkpoint in errors: the args alone do not say which one."""
+    try:
+        config = canonical_from_args(a, base)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
+    vocab_known = base is not None or vocab_size is not None or true_vocab_from_args(a) is not None
+    if config.vocab_size > a.padded_vocab_size:
+        raise CheckpointError(f"vocab_size={config.vocab_size} > padded_vocab_size={a.padded_vocab_size}")
+    return config, vocab_known
 
 
 def resharded_args(old: argparse.Namespace, cfg: CanonicalConfig, *, vocab_known: bool, tp: int, pp: int, vpp: int,

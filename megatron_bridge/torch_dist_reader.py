@@ -23,8 +23,7 @@ from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.pickle_trust import PolicyLike, load_torch_stream, trust_policy
 from megatron_bridge import torch_dist_format
 from megatron_bridge.layout import canonical_layer_names
-from megatron_bridge.megatron_args import (arch_from_args, canonical_from_args, shape_from_args,
-                                          true_vocab_from_args)
+from megatron_bridge.megatron_args import arch_from_args, shape_from_args, source_config
 from megatron_bridge.param_kinds import unpack_qkv
 from megatron_bridge.torch_dist_keys import DistKey, all_param_keys, model_keys, non_model_kind
 
@@ -133,16 +132,7 @@ class TorchDistSource(TensorSource):
         self.common = torch_dist_format.validate(root, self.policy)  # every file present and long enough
         md = torch_dist_format.read_dcp_metadata(root, self.policy)
         args = self.args = self.common["args"]
-        try:
-            self.config = canonical_from_args(args, base_config)
-        except ValueError as e:
-            raise ValueError(f"{root}: {e}") from None
-        if vocab_size is not None:
-            self.config.vocab_size = vocab_size
-        self.vocab_known = (base_config is not None or vocab_size is not None
-                            or true_vocab_from_args(args) is not None)
-        if self.config.vocab_size > args.padded_vocab_size:
-            raise CheckpointError(f"vocab_size={self.config.vocab_size} > padded_vocab_size={args.padded_vocab_size}")
+        self.config, self.vocab_known = source_config(args, root, base_config, vocab_size)
         self.shape = shape_from_args(args, self.config.vocab_size)
         self._keys, self.skipped = self._classify(md, model_keys(arch_from_args(args)))
         self._storage = {(i.fqn, tuple(i.offset) if i.offset is not None else None): info

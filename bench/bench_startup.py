@@ -6,7 +6,8 @@ Each command runs `--runs` times in a fresh interpreter (as a user runs it). Rep
 CPU time (user + sys of the child: steadier than wall time on a shared machine) as min/median/max, the median
 beyond `python -c pass`, and which heavy packages it imported (torch, numpy, torch.distributed.checkpoint,
 megatron.core, transformers) and how many family tables. `python -c "import torch"` is measured too: the floor of
-any command that reads a torch pickle. The checkpoints are a tiny random Llama made here (HF, legacy, torch_dist).
+any command that reads a torch pickle when it must load tensors. The checkpoints are a tiny random Llama made here
+(HF as safetensors and as pytorch_model.bin, legacy, torch_dist).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +53,11 @@ def make_checkpoints(work: str) -> dict[str, str]:
     legacy, dist = os.path.join(work, "legacy"), os.path.join(work, "torch_dist")
     convert(hf, legacy, ConvertOptions(progress=False))
     convert(hf, dist, ConvertOptions(format="torch_dist", progress=False))
-    return {"hf": hf, "legacy": legacy, "torch_dist": dist}
+    hf_bin = os.path.join(work, "hf_bin")  # the same weights as one pytorch_model.bin
+    os.makedirs(hf_bin)
+    shutil.copyfile(os.path.join(hf, "config.json"), os.path.join(hf_bin, "config.json"))
+    torch.save(LlamaForCausalLM.from_pretrained(hf).state_dict(), os.path.join(hf_bin, "pytorch_model.bin"))
+    return {"hf": hf, "hf_bin": hf_bin, "legacy": legacy, "torch_dist": dist}
 
 
 def timed(argv: list[str], runs: int) -> tuple[list[float], list[float]]:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
             ("launch --help", [py, "-m", "launch", "--help"], ["--help"]),
             ("launch convert --help", [py, "-m", "launch", "convert", "--help"], ["convert", "--help"]),
             *((f"launch inspect {k}", [py, "-m", "launch", "inspect", ck[k]], ["inspect", ck[k]])
-              for k in ("hf", "legacy", "torch_dist")),
+              for k in ("hf", "hf_bin", "legacy", "torch_dist")),
             ("launch convert hf->legacy --dry-run", [py, "-m", "launch", "convert", ck["hf"], out, "--dry-run"],
              ["convert", ck["hf"], out, "--dry-run"]),
         ]

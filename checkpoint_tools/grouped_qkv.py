@@ -9,7 +9,7 @@ Both directions are pure reshapes and one concatenation, so merge(split(x)) is b
 """
 from __future__ import annotations
 
-import torch
+from checkpoint_tools.lazy_torch import torch  # family tables import this without moving tensors
 
 
 def pack_grouped_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_groups: int,

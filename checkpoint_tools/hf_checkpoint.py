@@ -9,19 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Optional
 
 from checkpoint_tools.atomic_dir import atomic_directory
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, check_tensor_set, expected_tensor_names
 from checkpoint_tools.families import get_family
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.hf_tensor_check import hf_tensor_problems
-from checkpoint_tools.safetensors_io import DTYPE_NAMES, CheckpointError, ShardedSafetensorsWriter, TensorSpec
+from checkpoint_tools.safetensors_io import CheckpointError, ShardedSafetensorsWriter, TensorSpec
 from checkpoint_tools.pickle_trust import PolicyLike
-from checkpoint_tools.torch_bin_io import open_hf_weights, weight_files_found
+from checkpoint_tools.torch_bin_io import is_hf_checkpoint, open_hf_weights  # noqa: F401 - is_hf_checkpoint: API
+
+if TYPE_CHECKING:  # reading a folder's config and headers needs no torch (`inspect`); tensors bring it
+    import torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Files that describe the tokenizer or generation defaults: carried over verbatim wherever a checkpoint goes.
@@ -30,12 +30,6 @@ ASSET_NAMES = {
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
     "preprocessor_config.json", "tokenizer.tiktoken", "qwen.tiktoken",
 }
-
-
-def is_hf_checkpoint(path: str) -> bool:
-    """config.json beside weights: safetensors, pytorch_model.bin (or their index), or any other weight file (which
-    `open_hf_weights` then names in its error)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and bool(weight_files_found(path))
 
 
 def read_hf_config(path: str) -> dict:
@@ -63,12 +57,16 @@ class HFSource(TensorSource):
     the tensors of the last link read stay cached, so q, k and v of one fused tensor cost one read.
     """
 
-    def __init__(self, path: str, family: Optional[Family] = None, policy: PolicyLike = None):
-        """`policy`: the pickle trust policy for pytorch_model.bin (or the 'MODULE.NAME' globals of --allow-global)."""
+    def __init__(self, path: str, family: Optional[Family] = None, policy: PolicyLike = None, *,
+                 peek: bool = False):
+        """`policy`: the pickle trust policy for pytorch_model.bin (or the 'MODULE.NAME' globals of --allow-global).
+        `peek`: read pytorch_model.bin as shapes and dtypes without torch (`inspect`); every check below runs on
+        headers alone either way, so a peeked source is checked exactly as a loaded one, but yields no tensors."""
         self.path = path
         self.hf_config = read_hf_config(path)
         self.family = family or get_family(self.hf_config.get("model_type", "?"))
-        self.weights = open_hf_weights(path, policy)  # safetensors, or pytorch_model.bin through the trust policy
+        # safetensors, or pytorch_model.bin through the trust policy
+        self.weights = open_hf_weights(path, policy, peek=peek)
         known = {n: self.family.knows_hf_name(n) for n in self.weights.names()}
         unknown = [n for n, k in known.items() if k is None]
         if unknown:
@@ -77,12 +75,11 @@ class HFSource(TensorSource):
         dtype = None
         embed = self.family.embed_hf_name()
         if embed in known:
-            dtype = DTYPE_NAMES[self.weights.spec(embed).dtype]
-            dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(dtype, dtype)
+            dtype = self.weights.shape_and_dtype(embed)[1]  # torch's name: 'bfloat16'
         self.config: CanonicalConfig = self.family.config_to_canonical(self.hf_config, dtype=dtype)
         self.config.extra["hf_model_type"] = self.family.model_type
         links = self.family.links(self.config, self.hf_config)
-        present = {n: tuple(self.weights.spec(n).shape) for n, k in known.items() if k}
+        present = {n: self.weights.shape_and_dtype(n)[0] for n, k in known.items() if k}
         problems = hf_tensor_problems(links, present, self.config)
         if problems:
             raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
@@ -123,6 +120,8 @@ def write_hf_checkpoint(source: TensorSource, dst: str, family: Family, *, base_
     `base_config` is a config of the same family written over; `carry_config` one of another family, whose
     bookkeeping keys (initializer_range, use_cache, ...) are kept.
     """
+    from tqdm import tqdm  # only writing shows progress; `inspect` reads this module without it
+
     cfg = source.config
     check_tensor_set(cfg, source.names())
     plan = family.plan_write(source, base_config, carry_config)  # refuses, naming it, what the family cannot express

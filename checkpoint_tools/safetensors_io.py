@@ -2,7 +2,8 @@
 
 Neither side ever holds a whole model. The reader validates every header against the file size first, so a
 truncated shard fails before anything is converted; the writer plans shard boundaries from shapes alone, writes
-each shard's header up front and then appends tensor bytes as they arrive.
+each shard's header up front and then appends tensor bytes as they arrive. Headers are parsed without torch
+(`shape_and_dtype` names dtypes as torch does), so `inspect` describes a folder without importing it.
 """
 from __future__ import annotations
 
@@ -13,19 +14,38 @@ import queue
 import struct
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-import torch
-
+from checkpoint_tools.dtype_names import SAFETENSORS_DTYPES, itemsize, torch_name
 from checkpoint_tools.errors import CheckpointError  # noqa: F401 - re-exported for older imports
+from checkpoint_tools.lazy_torch import torch  # headers are read without torch; tensors import it
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+class _TorchTable(Mapping):
+    """A table over torch dtypes, built at first use: parsing a header (`inspect`) never imports torch."""
+
+    def __init__(self, build: Callable[[], dict]):
+        self._build, self._table = build, None
+
+    def _get(self) -> dict:
+        if self._table is None:
+            self._table = self._build()
+        return self._table
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+DTYPES = _TorchTable(lambda: {code: getattr(torch, name) for code, (name, _) in SAFETENSORS_DTYPES.items()})
+DTYPE_NAMES = _TorchTable(lambda: {v: k for k, v in DTYPES.items()})
 INDEX_NAME = "model.safetensors.index.json"
 WRITE_CHUNK = 64 * 1024**2
 # Bytes handed to the writer thread and not yet written: what overlapping costs in memory, at most.
@@ -56,7 +76,7 @@ def _check_entry(path: str, name: str, e, data_bytes: int) -> None:
 
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
         raise bad("lacks dtype/shape/data_offsets")
-    if e["dtype"] not in DTYPES:
+    if e["dtype"] not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
     shape, offsets = e["shape"], e["data_offsets"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
@@ -70,9 +90,9 @@ def _check_entry(path: str, name: str, e, data_bytes: int) -> None:
     numel = 1
     for d in shape:
         numel *= d
-    if offsets[1] - offsets[0] != numel * torch.empty((), dtype=DTYPES[e["dtype"]]).element_size():
+    if offsets[1] - offsets[0] != numel * itemsize(e["dtype"]):
         raise bad(f"spans {offsets[1] - offsets[0]} bytes, its shape {shape} of {e['dtype']} needs "
-                  f"{numel * torch.empty((), dtype=DTYPES[e['dtype']]).element_size()}")
+                  f"{numel * itemsize(e['dtype'])}")
 
 
 class SafetensorsFile:
@@ -107,6 +127,11 @@ class SafetensorsFile:
     def spec(self, name: str) -> TensorSpec:
         e = self._entries[name]
         return TensorSpec(name, tuple(e["shape"]), DTYPES[e["dtype"]])
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        """The shape and torch's dtype name ('bfloat16') from the header alone: no torch import."""
+        e = self._entries[name]
+        return tuple(e["shape"]), torch_name(e["dtype"])
 
     def get(self, name: str) -> torch.Tensor:
         e = self._entries[name]
@@ -162,6 +187,9 @@ class SafetensorsDir:
 
     def spec(self, name: str) -> TensorSpec:
         return self._where[name].spec(name)
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        return self._where[name].shape_and_dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         try:

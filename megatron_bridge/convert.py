@@ -17,11 +17,11 @@ import torch
 
 from checkpoint_tools.canonical import CanonicalConfig, CastSource, TensorSource
 from checkpoint_tools.families import FAMILIES, family_names, get_family
-from checkpoint_tools.hf_checkpoint import HFSource, is_hf_checkpoint, read_hf_config, write_hf_checkpoint
-from checkpoint_tools.errors import CheckpointError
+from checkpoint_tools.hf_checkpoint import HFSource, read_hf_config, write_hf_checkpoint
 from checkpoint_tools.atomic_dir import check_destination, scratch_directory
 from checkpoint_tools.pickle_trust import trust_policy
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
+from megatron_bridge.checkpoint_format import detect_format  # noqa: F401 - also convert's API
 from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, ConvertOptions, Plan, plan_conversion
 from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, resharded_args
@@ -30,24 +30,6 @@ from megatron_bridge.torch_dist_reader import TorchDistSource
 from megatron_bridge.torch_dist_writer import write_torch_dist
 
 log = logging.getLogger(__name__)
-
-
-def detect_format(path: str) -> str:
-    """'hf', 'megatron_legacy' or 'megatron_torch_dist'; raises for anything else or for a mix."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory")
-    found = []
-    if is_hf_checkpoint(path):
-        found.append("hf")
-    if legacy_format.is_legacy_checkpoint(path):
-        found.append("megatron_torch_dist" if torch_dist_format.is_torch_dist_checkpoint(path) else "megatron_legacy")
-    if len(found) > 1:
-        raise CheckpointError(f"{path}: holds more than one checkpoint format ({found}); separate them")
-    if not found:
-        raise CheckpointError(f"{path}: neither a Hugging Face checkpoint (config.json + model.safetensors or "
-                              f"pytorch_model.bin, or their index) nor a "
-                              f"Megatron checkpoint ({legacy_format.TRACKER})")
-    return found[0]
 
 
 def _cast(source: TensorSource, dtype: Optional[str]) -> TensorSource:

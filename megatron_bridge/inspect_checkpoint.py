@@ -4,9 +4,11 @@ Reports format, iteration, TP/PP/VPP, parameter-name style, architecture (canoni
 (canonical: unpadded vocab, tied weights once), stored elements (with vocab padding and TP replication), dtypes,
 bytes on disk and whether optimizer state is present (conversion keeps model weights only).
 
-Megatron checkpoints (legacy and torch_dist) are read through checkpoint_tools.pickle_peek: the same trust policy,
-tensors as shape/dtype records, and no torch import, so `inspect` starts about as fast as Python does. Hugging Face
-folders still go through HFSource (torch, the family's tensor checks).
+No format imports torch or numpy, so `inspect` starts about as fast as Python does: Megatron checkpoints (legacy
+and torch_dist) and Hugging Face `pytorch_model.bin` shards are read through checkpoint_tools.pickle_peek (the same
+trust policy, tensors as shape/dtype records), safetensors through their headers; a Hugging Face folder goes
+through HFSource as conversion opens it, with the family's config table and its tensor-name and shape checks.
+`peek=False` loads the pickles with torch instead; tests prove both give the same report.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Iterable
 from checkpoint_tools.canonical import CanonicalConfig, expected_shapes
 from checkpoint_tools.pickle_peek import peek_torch_file
 from megatron_bridge import legacy_format, sidecar, torch_dist_format
+from megatron_bridge.checkpoint_format import detect_format
 from megatron_bridge.megatron_args import canonical_from_args, detect_name_style, parallel_sizes
 from megatron_bridge.safe_load import safe_torch_load
 
@@ -37,33 +40,31 @@ def _base(path: str):
     return (CanonicalConfig.from_dict(meta["canonical_config"]) if meta else None), meta
 
 
-def _detect_format(path: str, peek: bool) -> str:
-    """A Megatron folder is recognised here without convert's torch-heavy imports; anything else (Hugging Face, a
-    mix of formats, neither) goes through convert.detect_format, which names what is wrong."""
-    if peek and legacy_format.is_legacy_checkpoint(path) and not os.path.exists(os.path.join(path, "config.json")):
-        return "megatron_torch_dist" if torch_dist_format.is_torch_dist_checkpoint(path) else "megatron_legacy"
-    from megatron_bridge.convert import detect_format
-
-    return detect_format(path)
+def _hf_tensors(weights, peek: bool) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype name) of every tensor: from headers and peeked pickles, or from torch's own specs."""
+    if peek:
+        return [weights.shape_and_dtype(n) for n in weights.names()]
+    specs = [weights.spec(n) for n in weights.names()]
+    return [(tuple(s.shape), str(s.dtype).replace("torch.", "")) for s in specs]
 
 
 def inspect(path: str, allow_globals: Iterable[str] = (), *, peek: bool = True) -> dict[str, Any]:
     """What `path` holds; every pickle read is vetted by the trust policy (plus `allow_globals` the user trusts).
-    `peek`: read Megatron pickles as shape/dtype stand-ins (no torch); False loads them with torch, as conversion
-    does (the same report: tests compare the two)."""
-    fmt = _detect_format(path, peek)
+    `peek`: read pickles as shape/dtype stand-ins and safetensors as headers (no torch); False loads pickles with
+    torch and names dtypes through torch, as conversion does (the same report: tests compare the two)."""
+    fmt = detect_format(path)
     out: dict[str, Any] = {"path": path, "format": fmt, "bytes_on_disk": _bytes_on_disk(path)}
     if fmt == "hf":
-        from checkpoint_tools.hf_checkpoint import HFSource
+        from checkpoint_tools.hf_checkpoint import HFSource  # the family tables: only a Hugging Face folder needs them
         from checkpoint_tools.torch_bin_io import storage_format
 
-        src = HFSource(path, policy=allow_globals)
-        specs = [src.weights.spec(n) for n in src.weights.names()]
+        src = HFSource(path, policy=allow_globals, peek=peek)
+        tensors = _hf_tensors(src.weights, peek)
         out.update(family=src.family.model_type, iteration=None, tp=None, pp=None, vpp=None, name_style="hf",
                    storage=storage_format(src.weights),
                    optimizer_state=False, config=src.config.to_dict(), parameters=_count(src.config),
-                   stored_elements=sum(math.prod(s.shape) for s in specs),
-                   dtypes=dict(collections.Counter(str(s.dtype).replace("torch.", "") for s in specs)))
+                   stored_elements=sum(math.prod(shape) for shape, _ in tensors),
+                   dtypes=dict(collections.Counter(dtype for _, dtype in tensors)))
         return out
     base, meta = _base(path)
     out["family"] = (meta or {}).get("family")

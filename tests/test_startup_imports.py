@@ -6,8 +6,9 @@ leave out, and why it matters (CPU seconds of the import alone, measured by the 
     parser, so help is as fast as Python's own start;
   - conversions and `inspect`, any format: megatron-core (its import pulls in its whole model zoo) and
     transformers; none of them builds a model;
-  - `inspect` of a legacy or torch_dist checkpoint: torch itself (checkpoint_tools.pickle_peek reads the pickles
-    as shape/dtype stand-ins), so it starts about as fast as Python does;
+  - `inspect`, any format (legacy, torch_dist, Hugging Face safetensors and pytorch_model.bin): torch and numpy
+    (checkpoint_tools.pickle_peek reads the pickles as shape/dtype stand-ins, safetensors are read as headers), so it
+    starts about as fast as Python does;
   - the Hugging Face and legacy paths: PyTorch DCP (`torch.distributed.checkpoint`, about 1 s more), which only the
     torch_dist format needs.
 """
@@ -15,12 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, make_llama
+from checkpoint_tools.safetensors_io import SafetensorsDir
+from checkpoint_tools.torch_bin_io import BIN_NAME
 from megatron_bridge.convert import ConvertOptions, convert
 
 # Runs the command line in-process after a fresh start and writes (exit code, imported modules) as JSON.
@@ -63,7 +68,12 @@ def ckpts(tmp_path_factory):
     legacy, dist = str(root / "legacy"), str(root / "torch_dist")
     convert(hf, legacy, ConvertOptions(progress=False))
     convert(hf, dist, ConvertOptions(format="torch_dist", progress=False))
-    return {"root": root, "hf": hf, "legacy": legacy, "torch_dist": dist}
+    hf_bin = str(root / "hf_bin")  # the same weights as one pytorch_model.bin
+    os.makedirs(hf_bin)
+    shutil.copyfile(os.path.join(hf, "config.json"), os.path.join(hf_bin, "config.json"))
+    weights = SafetensorsDir(hf)
+    torch.save({n: weights.get(n).clone() for n in weights.names()}, os.path.join(hf_bin, BIN_NAME))
+    return {"root": root, "hf": hf, "hf_bin": hf_bin, "legacy": legacy, "torch_dist": dist}
 
 
 @pytest.mark.parametrize("argv", [("--help",), ("convert", "--help"), ("inspect", "--help")])
@@ -78,7 +88,6 @@ def test_help_imports_no_framework(argv, tmp_path):
 def test_hf_and_legacy_paths_import_no_megatron_core_transformers_or_dcp(ckpts, tmp_path):
     hf, legacy, root = ckpts["hf"], ckpts["legacy"], ckpts["root"]
     commands = [
-        ("inspect", hf),
         ("convert", hf, str(root / "plan_only"), "--dry-run"),
         ("convert", hf, str(root / "hf_to_legacy"), "--tp", "2", "--no-progress"),
         ("convert", legacy, str(root / "legacy_to_hf"), "--no-progress"),
@@ -92,10 +101,12 @@ def test_hf_and_legacy_paths_import_no_megatron_core_transformers_or_dcp(ckpts, 
     assert not os.path.exists(root / "plan_only")
 
 
-def test_inspect_of_megatron_checkpoints_imports_no_torch(ckpts, tmp_path):
-    for fmt in ("legacy", "torch_dist"):
+def test_inspect_of_any_format_imports_no_torch_or_numpy(ckpts, tmp_path):
+    for fmt in ("legacy", "torch_dist", "hf", "hf_bin"):
         modules = imported(tmp_path, "inspect", ckpts[fmt])
         assert "megatron_bridge.inspect_checkpoint" in modules and "checkpoint_tools.pickle_peek" in modules
+        if fmt.startswith("hf"):  # the probe did read the folder through its family's table
+            assert "checkpoint_tools.families.llama" in modules and "checkpoint_tools.hf_checkpoint" in modules
         heavy = leaves_out(modules, "torch", "numpy", MEGATRON_CORE, TRANSFORMERS)
         assert not heavy, (fmt, heavy[:10])
 

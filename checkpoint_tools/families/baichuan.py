@@ -10,13 +10,14 @@ model: refused). The rotary base is fixed at 10000 in Baichuan2's code, there is
 Baichuan2-13B uses ALiBi instead of rope; its config has no `max_position_embeddings`, which is how it is
 recognised and refused. (Baichuan-1 shares the model_type but has a plain head: this table assumes Baichuan2.)
 """
-import torch
+from __future__ import annotations
 
 from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L
 from checkpoint_tools.families import llama
 from checkpoint_tools.families.config_table import ConfigField, fields_without
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.mappings import EmbeddingHead, Fold, Fused, Rename
+from checkpoint_tools.lazy_torch import torch
 
 _ROWS = 4096  # rows normalized per step: float64 copies of a 125k x 4096 head would need 4 GB at once
 

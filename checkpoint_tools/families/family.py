@@ -18,14 +18,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
-
 from checkpoint_tools.canonical import (EMBED, LM_HEAD, CanonicalConfig, TensorSource, expected_shapes,
                                         expected_tensor_names)
 from checkpoint_tools.families.config_table import (CARRY_KEYS, CLASSIFIER_SUFFIX, COMMON_KEYS, FEATURES,
                                                     ConfigField, head_from_hf, labels_to_hf, rope_from_hf,
                                                     rope_to_hf)
 from checkpoint_tools.families.mappings import Ctx, EmbeddingHead, Link, Mapping, Rename
+from checkpoint_tools.lazy_torch import torch  # reading a config needs none; planning a write does
 
 
 @dataclass

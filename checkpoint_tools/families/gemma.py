@@ -9,13 +9,13 @@ which canonical, `LlamaForCausalLM` and megatron-core (gated `openai_gelu`) all 
 undone (w = w' - 1, E = E' / scale), exact up to that arithmetic; lm_head ties again when E' is exactly the scaled
 head. Bidirectional attention (`use_bidirectional_attention`) is refused.
 """
-import torch
-
 from checkpoint_tools.canonical import FINAL_NORM, LAYER_TENSORS as L, SCORE
+from checkpoint_tools.dtype_names import round_to_dtype
 from checkpoint_tools.families import llama
 from checkpoint_tools.families.config_table import ConfigField, fields_without
 from checkpoint_tools.families.family import Family
 from checkpoint_tools.families.mappings import EmbeddingHead, Fold, Rename, scale_by
+from checkpoint_tools.lazy_torch import torch
 
 # (1 + w) computed in float32, as GemmaRMSNorm does
 ONE_PLUS = Fold(lambda t, c: (t.to(torch.float32) + 1.0).to(t.dtype),
@@ -24,7 +24,11 @@ ONE_PLUS = Fold(lambda t, c: (t.to(torch.float32) + 1.0).to(t.dtype),
 
 def _embed_scale(ctx) -> float:
     # GemmaTextScaledWordEmbedding: a float32 buffer sqrt(hidden_size), cast to the weights' dtype before multiplying
-    return float(torch.tensor(ctx.cfg.hidden_size ** 0.5, dtype=torch.float32).to(ctx.cfg.torch_dtype))
+    # (rounded without torch for the usual dtypes: reading a config, `inspect`, asks whether the scale is 1)
+    scale = round_to_dtype(ctx.cfg.hidden_size ** 0.5, ctx.cfg.dtype)
+    if scale is None:
+        scale = float(torch.tensor(ctx.cfg.hidden_size ** 0.5, dtype=torch.float32).to(ctx.cfg.torch_dtype))
+    return scale
 
 
 def _check_hf(hf: dict) -> None:

@@ -8,7 +8,9 @@
     EmbeddingHead  embedding and output head through folds (Gemma's embedding scale, Granite's multipliers,
                    Baichuan2's NormHead); folds that differ between the two untie them in canonical
 
-A mapping is instantiated for one model (`links(ctx)`) into Links: pure functions both ways on lists of tensors.
+A mapping is instantiated for one model (`links(ctx)`) into Links: pure functions both ways on lists of tensors,
+and the same relation on shapes alone (`canonical_shapes`), so a checkpoint is checked against its config from its
+headers, without torch.
 """
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
-
-
 from checkpoint_tools.canonical import EMBED, LM_HEAD, CanonicalConfig, expected_shapes
 from checkpoint_tools.grouped_qkv import pack_grouped_qkv, unpack_grouped_qkv
+from checkpoint_tools.lazy_torch import torch  # the tables are read (inspect) without moving tensors
+
+Shapes = list[tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,20 @@ def divide_by(factor: Callable[[Ctx], float]) -> Fold:
     return Fold(lambda t, c: _div(t, factor(c)), lambda t, c: _scale(t, factor(c)), lambda c: factor(c) == 1.0)
 
 
+def _same_shapes(shapes: Shapes) -> Shapes:
+    return list(shapes)
+
+
+def _split_rows(rows: list[int]) -> Callable[[Shapes], Shapes]:
+    """The shapes `torch.split(t, rows)` gives for one tensor t of the given shape (ValueError when it cannot)."""
+    def shapes(hf_shapes: Shapes) -> Shapes:
+        (s,) = hf_shapes
+        if not s or s[0] != sum(rows):
+            raise ValueError(f"{s} does not split into rows {rows}")
+        return [(r, *s[1:]) for r in rows]
+    return shapes
+
+
 @dataclass(frozen=True)
 class Link:
     """One concrete relation between HF tensors and canonical tensors (a mapping instantiated for a config)."""
@@ -76,6 +92,9 @@ class Link:
     canonical: tuple[str, ...]
     to_canonical: Callable[[list], list]
     to_hf: Callable[[list], list]
+    # The shapes `to_canonical` gives for HF tensors of the given shapes, computed from shapes alone (ValueError
+    # when they cannot be split so); folds keep shapes, so a one-to-one link keeps them too.
+    canonical_shapes: Callable[[Shapes], Shapes] = _same_shapes
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -153,7 +172,7 @@ class Fused(Mapping):
             names = tuple(p.format(i=i) for p in self.parts)
             rows = [shapes[n][0] for n in names]
             out.append(Link((self.hf.format(i=i),), names, lambda ts, rows=rows: list(torch.split(ts[0], rows)),
-                            lambda ts: [torch.cat(ts)]))
+                            lambda ts: [torch.cat(ts)], _split_rows(rows)))
         return out
 
 
@@ -184,7 +203,10 @@ class GroupedQKV(Mapping):
         def pack(ts):
             return [pack_grouped_qkv(*ts, ng, hd)]
 
-        return [Link((self.hf.format(i=i),), tuple(p.format(i=i) for p in self.parts), unpack, pack)
+        def shapes(hf_shapes):  # q, k and v rows out of whole groups: a row count that fits is all that matters
+            return _split_rows([ng * per * hd, ng * hd, ng * hd])(hf_shapes)
+
+        return [Link((self.hf.format(i=i),), tuple(p.format(i=i) for p in self.parts), unpack, pack, shapes)
                 for i in _instances(self.parts, ctx)]
 
 
@@ -238,7 +260,8 @@ class EmbeddingHead(Mapping):
                     raise AssertionError("tie was decided for tensors that are not the fold of one tensor")
                 return [e]
             return [Link((self.embed,), (EMBED, LM_HEAD),
-                         lambda ts: [self._f(fe, ts[0], ctx), self._f(fh, ts[0], ctx)], back)]
+                         lambda ts: [self._f(fe, ts[0], ctx), self._f(fh, ts[0], ctx)], back,
+                         lambda shapes: [shapes[0], shapes[0]])]
         return [Link((self.embed,), (EMBED,), lambda ts: [self._f(fe, ts[0], ctx)],
                      lambda ts: [self._f(fe, ts[0], ctx, back=True)]),
                 Link((self.head,), (LM_HEAD,), lambda ts: [self._f(fh, ts[0], ctx)],

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import pickle
 import re
@@ -45,18 +46,28 @@ def cmd_convert(a: argparse.Namespace) -> int:
     source's values. A flag that does not apply to the direction is refused. --dry-run prints the plan.
     Aliases: trans_<src>_to_<dst> SRC DST (e.g. trans_qwen_to_llama) check the source and set --to."""
     from checkpoint_tools.atomic_dir import check_paths
-    from megatron_bridge.convert import ConvertOptions, make_plan, run_plan
+    from checkpoint_tools.prefetch import start_prefetch
 
-    opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names, format=a.format,
-                          make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
-                          tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
-                          force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
-    check_paths(a.dst, sources=(a.src, a.tokenizer))  # before anything: --force must never delete a source
-    plan = make_plan(a.src, opts, to=a.to, source=a.source)
-    if a.dry_run:
-        print(plan.describe())
-        return 0
-    dst = run_plan(plan, a.src, a.dst, opts)
+    # The source's pages come off the disk while torch and the converter are imported (seconds of one core).
+    prefetch = None if a.dry_run else start_prefetch(a.src)
+    try:
+        from megatron_bridge.convert import ConvertOptions, make_plan, run_plan
+
+        opts = ConvertOptions(tp=a.tp, pp=a.pp, vpp=a.vpp, name_style=a.names, format=a.format,
+                              make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, dtype=a.dtype,
+                              tokenizer=a.tokenizer, vocab_size=a.vocab_size, max_shard_bytes=a.max_shard_size,
+                              force=a.force, progress=not a.no_progress, allow_globals=a.allow_global)
+        check_paths(a.dst, sources=(a.src, a.tokenizer))  # before anything: --force must never delete a source
+        plan = make_plan(a.src, opts, to=a.to, source=a.source)
+        if a.dry_run:
+            print(plan.describe())
+            return 0
+        # Everything imported so far lives to the end: keep the cyclic GC from rescanning it while tensors stream.
+        gc.freeze()
+        dst = run_plan(plan, a.src, a.dst, opts)
+    finally:
+        if prefetch is not None:
+            prefetch.stop()
     print(f"{plan.summary}: wrote {dst}")
     return 0
 

@@ -11,11 +11,14 @@ memory is one layer's tensor of one key, not a rank's shard, and no megatron-cor
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
-import pickle
 import uuid
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -23,13 +26,14 @@ from tqdm import tqdm
 
 from checkpoint_tools.atomic_dir import atomic_directory
 from checkpoint_tools.canonical import TensorSource, expected_shapes
-from megatron_bridge import legacy_format, sidecar
+from megatron_bridge import dcp_index, legacy_format, sidecar
 from megatron_bridge.layout import canonical_layer_names, stage_layers
 from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_from_args
-from megatron_bridge.param_kinds import check_tp
+from megatron_bridge.param_kinds import VocabParallel, check_tp
 from megatron_bridge.to_megatron import _canonical, check_canonical_fits
 from megatron_bridge.torch_dist_format import CONTENT_METADATA
 from megatron_bridge.torch_dist_keys import DistKey, extra_state_keys, model_keys
+from megatron_bridge.torch_save_blob import fast_archive
 
 # As megatron-core 0.16.1 writes it (dist_checkpointing.save with the torch_dist and torch common backends).
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
@@ -47,43 +51,111 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 
 
 class DcpFiles:
-    """Appends `torch.save` blobs to `__0_N.distcp` files, starting the next file past `max_file_bytes`."""
+    """Appends `torch.save` archives to `__0_N.distcp` files, starting the next file past `max_file_bytes`.
+
+    A tensor is streamed from its pieces (torch_save_blob writes the archive torch.save would, CRC-ing each slice of
+    the bytes in this thread with zlib, which releases the GIL) while one writer thread writes the previous slices:
+    the CRC of one slice overlaps the write of the last, and no piece is copied into a tensor of its own. The
+    pieces are views (of memory-mapped source files, mostly); the queue holds a few slices, so memory stays flat."""
+
+    SLICE = 16 << 20
+    IN_FLIGHT = 4  # slices queued for the writer thread at most
 
     def __init__(self, it_dir: str, max_file_bytes: int):
         self.it_dir, self.max_file_bytes = it_dir, max_file_bytes
-        self._file, self._name, self._count = None, None, 0
+        self._fd, self._name, self._count, self._pos = None, None, 0, 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distcp-writer")
+        self._pending: deque = deque()
 
-    def _target(self):
-        if self._file is None or self._file.tell() >= self.max_file_bytes:
-            self.close()
+    def _submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self.IN_FLIGHT:
+            self._pending.popleft().result()  # re-raises the writer thread's error here
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _target(self) -> int:
+        if self._fd is None or self._pos >= self.max_file_bytes:
+            self._close_file()
             self._name = f"__0_{self._count}.distcp"
             self._count += 1
-            self._file = open(os.path.join(self.it_dir, self._name), "wb")
-        return self._file
+            self._fd = os.open(os.path.join(self.it_dir, self._name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._pos = 0
+        return self._fd
 
-    def write_tensor(self, tensor: torch.Tensor):
-        """Store one chunk as DCP does (torch.save of the chunk alone) and return where it went."""
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
+    def _info(self, start: int):
+        return dcp_index.storage_info(self._name, start, self._pos - start)
 
-        f = self._target()
-        start = f.tell()
-        torch.save(tensor, f)
-        return _StorageInfo(relative_path=self._name, offset=start, length=f.tell() - start)
+    def write_pieces(self, dtype: torch.dtype, shape: tuple, pieces: list[torch.Tensor]):
+        """Store one chunk (the dim-0 concatenation of `pieces`, of `shape`) exactly as `torch.save` of it alone
+        would, and return where it went."""
+        arch = fast_archive(dtype, shape)
+        if arch is None:  # an archive this module does not write (past 4 GB, another torch): torch.save writes it
+            return self._torch_save(_own_storage(torch.cat(pieces) if len(pieces) > 1 else pieces[0]).reshape(shape))
+        fd, start = self._target(), self._pos
+        self._submit(_write_all, fd, arch.head)
+        crc, n = 0, 0
+        for piece in pieces:
+            data = _bytes_of(piece)
+            for at in range(0, len(data), self.SLICE):
+                part = data[at:at + self.SLICE]
+                crc = zlib.crc32(part, crc)
+                self._submit(_write_all, fd, part)
+            n += len(data)
+        if n != arch.data_len:
+            raise AssertionError(f"pieces of {n} bytes for a {list(shape)} {dtype} chunk of {arch.data_len}")
+        self._submit(_write_all, fd, arch.tail(crc))
+        self._pos += arch.total_len
+        return self._info(start)
+
+    def _torch_save(self, tensor: torch.Tensor):
+        fd, start = self._target(), self._pos
+        self._drain()
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.seek(start)
+            torch.save(tensor, f)
+            self._pos = f.tell()
+        return self._info(start)
 
     def write_bytes(self, data: bytes):
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        fd, start = self._target(), self._pos
+        self._submit(_write_all, fd, data)
+        self._pos += len(data)
+        return self._info(start)
 
-        f = self._target()
-        start = f.tell()
-        f.write(data)
-        return _StorageInfo(relative_path=self._name, offset=start, length=len(data))
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            self._submit(_sync_close, self._fd)  # the writer thread syncs it while this one goes on
+            self._fd = None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        try:
+            self._close_file()
+            self._drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in place (a copy only when it is not contiguous)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -93,15 +165,49 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if whole and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
-def _global_tensor(source: TensorSource, dk: DistKey, layer: Optional[int], shape, shapes: dict,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """The global (TP=1) tensor of `dk` for one layer (or the whole tensor of a non-layer key)."""
+def _qkv_pieces(tensors, shape) -> list[torch.Tensor]:
+    """[q_g0, k_g0, v_g0, q_g1, ...]: the rows of QKV.shard at TP=1, as views."""
+    q, k, v = tensors
+    per, hd = shape.num_heads // shape.num_groups, shape.head_dim
+    out = []
+    for g in range(shape.num_groups):
+        out += [q[g * per * hd:(g + 1) * per * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+    return out
+
+
+def _vocab_pieces(tensors, shape) -> list[torch.Tensor]:
+    t = tensors[0]
+    VocabParallel._check(t, 1, shape)  # the rows the config implies, a padded vocab that fits
+    pad = shape.padded_vocab_size - t.shape[0]
+    return [t, t.new_zeros((pad,) + tuple(t.shape[1:]))] if pad else [t]
+
+
+# A global (TP=1) tensor as pieces whose dim-0 concatenation is `kind.shard(tensors, 1, 0, shape)`, the rows in
+# place (the reader's _FROM_GLOBAL is the inverse). A kind not listed is built whole by its shard().
+_GLOBAL_PIECES = {
+    "replicated": lambda tensors, shape: [tensors[0]],
+    "column": lambda tensors, shape: [tensors[0]],
+    "row": lambda tensors, shape: [tensors[0]],
+    "qkv": _qkv_pieces,
+    "gated_mlp": lambda tensors, shape: list(tensors),
+    "vocab": _vocab_pieces,
+}
+
+
+def global_pieces(source: TensorSource, dk: DistKey, layer: Optional[int], shape, shapes: dict,
+                  dtype: torch.dtype) -> list[torch.Tensor]:
+    """The global (TP=1) tensor of `dk` for one layer (or the whole tensor of a non-layer key), as row pieces."""
     if dk.per_layer:
         tensors = [_canonical(source, n, shapes) for n in canonical_layer_names(dk.param.roles, layer)]
     else:
         tensors = [source.get(dk.param.roles[0])]
-    tensors = [t.to(dtype) if t.dtype != dtype else t for t in tensors]
-    return _own_storage(dk.param.kind.shard(tensors, 1, 0, shape))
+    return pieces_of(dk.param.kind, [t.to(dtype) if t.dtype != dtype else t for t in tensors], shape)
+
+
+def pieces_of(kind, tensors: list[torch.Tensor], shape) -> list[torch.Tensor]:
+    """`kind.shard(tensors, 1, 0, shape)` as dim-0 pieces (views where the kind allows)."""
+    pieces = _GLOBAL_PIECES.get(kind.name)
+    return pieces(tensors, shape) if pieces else [kind.shard(tensors, 1, 0, shape)]
 
 
 def write_torch_dist(source: TensorSource, dst: str, args: argparse.Namespace, *, iteration: Optional[int] = None,
@@ -110,10 +216,6 @@ def write_torch_dist(source: TensorSource, dst: str, args: argparse.Namespace, *
                      record_config: bool = True, force: bool = False, progress: bool = True,
                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> str:
     """Write `source` as a torch_dist checkpoint at `dst` (atomically) whose args say the layout in `args`."""
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, StorageMeta, TensorProperties,
-                                                       TensorStorageMetadata)
-
     cfg = source.config
     tp, pp, vpp = parallel_sizes(args)
     shape = shape_from_args(args, cfg.vocab_size)
@@ -134,38 +236,42 @@ def write_torch_dist(source: TensorSource, dst: str, args: argparse.Namespace, *
         state_md, storage = {}, {}
         bar = tqdm(total=sum(n_layers if dk.per_layer else 1 for dk in keys), unit="tensor", disable=not progress,
                    desc=f"writing {os.path.basename(os.path.abspath(dst))}")
+        gc_was_on = gc.isenabled()
+        gc.disable()  # the loop makes no cycles; the collector only rescans the heap (several % of the time)
         try:
             for dk in keys:
                 chunks, global_size = [], None
                 for layer in (range(n_layers) if dk.per_layer else [None]):
-                    t = _global_tensor(source, dk, layer, shape, shapes, dtype)
-                    offsets = (layer,) + (0,) * t.dim() if dk.per_layer else (0,) * t.dim()
+                    pieces = global_pieces(source, dk, layer, shape, shapes, dtype)
+                    size = (sum(p.shape[0] for p in pieces),) + tuple(pieces[0].shape[1:])
                     if dk.per_layer:
-                        t = t.unsqueeze(0)
-                        global_size = (n_layers,) + tuple(t.shape[1:])
+                        offsets, size = (layer,) + (0,) * len(size), (1,) + size
+                        global_size = (n_layers,) + size[1:]
                     else:
-                        global_size = tuple(t.shape)
-                    storage[MetadataIndex(dk.key, offsets)] = files.write_tensor(t)
-                    chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=t.shape))
-                    del t
+                        offsets, global_size = (0,) * len(size), size
+                    storage[dcp_index.index(dk.key, offsets)] = files.write_pieces(dtype, size, pieces)
+                    chunks.append(dcp_index.chunk(offsets, size))
+                    del pieces
                     source.release()  # the source's pages of this tensor are done with (memory-mapped input)
                     bar.update()
-                state_md[dk.key] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(global_size),
-                                                         chunks)
+                state_md[dk.key] = dcp_index.tensor_metadata(dtype, global_size, chunks)
             buf = io.BytesIO()
             # megatron-core saves a byte object as the list of its local values: a local-spec linear layer's extra
             # state is None, stored as [None]
             torch.save([None], buf)
             for key in extra_state_keys(n_layers):
-                storage[MetadataIndex(key)] = files.write_bytes(buf.getvalue())
-                state_md[key] = BytesStorageMetadata()
+                storage[dcp_index.index(key)] = files.write_bytes(buf.getvalue())
+                state_md[key] = dcp_index.bytes_metadata()
         finally:
-            files.close()
-            bar.close()
-        md = Metadata(state_dict_metadata=state_md, storage_data=storage,
-                      storage_meta=StorageMeta(save_id=str(uuid.uuid4())), version=DCP_VERSION)
+            try:
+                files.close()
+            finally:
+                bar.close()
+                if gc_was_on:
+                    gc.enable()
+        md = dcp_index.metadata(state_md, storage, save_id=str(uuid.uuid4()), version=DCP_VERSION)
         with open(os.path.join(it_dir, ".metadata"), "wb") as f:
-            pickle.dump(md, f)
+            dcp_index.dump(md, f)
         common = {"args": args, "checkpoint_version": legacy_format.CHECKPOINT_VERSION,
                   "iteration": iteration or 0, "content_metadata": dict(CONTENT_METADATA)}
         torch.save(common, os.path.join(it_dir, "common.pt"))

@@ -1,0 +1,169 @@
+"""The torch_dist writer's own byte paths equal what PyTorch writes: each chunk's archive equals `torch.save` of the
+chunk (streamed from pieces, CRC-ed on the way), the DCP index equals `pickle.dumps` of DCP's own classes, and the
+pieces of every parameter kind concatenate to the kind's TP=1 tensor. Real megatron-core loading the output is
+tests/test_torch_dist_stream.py's job."""
+from __future__ import annotations
+
+import filecmp
+import io
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import make_llama
+from megatron_bridge import dcp_index, torch_dist_writer, torch_save_blob
+from megatron_bridge.convert import ConvertOptions, convert
+from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Shape
+from megatron_bridge.torch_dist_writer import DcpFiles, pieces_of
+
+
+def _torch_save(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def test_the_installed_torch_writes_the_layout_the_writer_knows():
+    # If this fails, torch.save changed its archive: the writer falls back to torch.save (slower, still correct).
+    assert torch_save_blob.archive_matches_torch()
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (1, 96, 64)), (torch.float32, (250, 64)),
+                                         (torch.float16, (1, 7)), (torch.int64, (3,)), (torch.bfloat16, (1, 1, 1))])
+def test_streamed_archive_equals_torch_save(tmp_path, dtype, shape):
+    t = (torch.randn(shape) * 100).to(dtype)
+    rows = t.reshape(-1, shape[-1]) if len(shape) > 1 else t
+    cut = [rows[:1], rows[1:]] if rows.shape[0] > 1 else [rows]  # pieces: the archive is built across them
+    files = DcpFiles(str(tmp_path), max_file_bytes=1 << 30)
+    files.write_bytes(b"x" * 13)  # the archive need not start at the file's start
+    info = files.write_pieces(dtype, shape, cut)
+    files.close()
+    with open(tmp_path / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        got = f.read(info.length)
+    assert got == _torch_save(t)
+    assert torch.equal(torch.load(io.BytesIO(got), weights_only=True), t)
+
+
+def test_chunk_past_the_fast_layout_goes_through_torch_save(tmp_path, monkeypatch):
+    """A chunk the archive module does not write (past 4 GB, an unknown torch) is written by torch.save, between
+    streamed ones, at the offsets the index records."""
+    a, b, c = torch.randn(4, 3), torch.randn(2, 5), torch.randn(6)
+    files = DcpFiles(str(tmp_path), max_file_bytes=1 << 30)
+    infos = [files.write_pieces(a.dtype, tuple(a.shape), [a])]
+    monkeypatch.setattr(torch_dist_writer, "fast_archive", lambda dtype, shape: None)
+    infos.append(files.write_pieces(b.dtype, tuple(b.shape), [b[:1], b[1:]]))
+    monkeypatch.undo()
+    infos.append(files.write_pieces(c.dtype, tuple(c.shape), [c]))
+    files.close()
+    data = (tmp_path / "__0_0.distcp").read_bytes()
+    assert data == b"".join(_torch_save(t) for t in (a, b, c))
+    assert [(i.offset, i.length) for i in infos] == [(0, len(_torch_save(a))),
+                                                    (len(_torch_save(a)), len(_torch_save(b))),
+                                                    (len(_torch_save(a)) + len(_torch_save(b)), len(_torch_save(c)))]
+
+
+def test_index_pickles_as_dcps_own_classes():
+    """Two files, tensors and byte objects, shared key strings: the stand-ins' pickle is DCP's, byte for byte."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, StorageMeta, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    def build(real: bool):
+        sd, st = {}, {}
+        for n, key in enumerate(["embedding.word_embeddings.weight", "decoder.layers.mlp.linear_fc1.weight"]):
+            name, chunks = f"__0_{n}.distcp", []
+            for layer in range(3):
+                off, size = (layer, 0, 0), (1, 4, 5)
+                if real:
+                    st[MetadataIndex(key, off)] = _StorageInfo(relative_path=name, offset=layer * 99, length=99)
+                    chunks.append(ChunkStorageMetadata(offsets=torch.Size(off), sizes=torch.Size(size)))
+                else:
+                    st[dcp_index.index(key, off)] = dcp_index.storage_info(name, layer * 99, 99)
+                    chunks.append(dcp_index.chunk(off, size))
+            sd[key] = (TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size((3, 4, 5)), chunks)
+                       if real else dcp_index.tensor_metadata(torch.bfloat16, (3, 4, 5), chunks))
+        for key in ["decoder.layers.mlp.linear_fc1._extra_state/shard_0_3"]:
+            if real:
+                st[MetadataIndex(key)], sd[key] = _StorageInfo("__0_1.distcp", 7, 11), BytesStorageMetadata()
+            else:
+                st[dcp_index.index(key)], sd[key] = dcp_index.storage_info("__0_1.distcp", 7, 11), \
+                    dcp_index.bytes_metadata()
+        if real:
+            return Metadata(state_dict_metadata=sd, storage_data=st, storage_meta=StorageMeta(save_id="id"),
+                            version="1.0.0")
+        return dcp_index.metadata(sd, st, save_id="id", version="1.0.0")
+
+    buf = io.BytesIO()
+    dcp_index.dump(build(False), buf)
+    assert buf.getvalue() == pickle.dumps(build(True))
+    assert pickle.loads(buf.getvalue()) == build(True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pieces_of_every_kind_are_its_tp1_tensor(bias):
+    """GQA (3 groups of 2 query heads), a padded vocab: the rows streamed are the rows kind.shard builds."""
+    shape = Shape(num_heads=6, num_groups=3, head_dim=4, vocab_size=250, padded_vocab_size=256)
+    hidden, ffn = 16, 40
+    tail = () if bias else (hidden,)
+    cases = {
+        QKV_KIND: [torch.randn((6 * 4,) + tail), torch.randn((3 * 4,) + tail), torch.randn((3 * 4,) + tail)],
+        GATED_MLP: [torch.randn((ffn,) + tail), torch.randn((ffn,) + tail)],
+        VOCAB: [torch.randn(250, hidden)],
+        COLUMN: [torch.randn((ffn,) + tail)],
+        ROW: [torch.randn(hidden, ffn)],
+        REPLICATED: [torch.randn(hidden)],
+    }
+    for kind, tensors in cases.items():
+        assert kind.name in torch_dist_writer._GLOBAL_PIECES
+        pieces = pieces_of(kind, tensors, shape)
+        assert torch.equal(torch.cat(pieces), kind.shard(tensors, 1, 0, shape)), kind.name
+    with pytest.raises(ValueError, match="vocab_size=250"):
+        pieces_of(VOCAB, [torch.randn(249, hidden)], shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("td_bytes")
+    return make_llama(str(root / "hf"), seed=3, num_key_value_heads=2), root
+
+
+def test_streamed_checkpoint_equals_the_torch_save_path(tiny_hf, monkeypatch):
+    """Every file but the index (whose save id is random) is byte-identical to the torch.save path's, and the
+    index loads to the same entries."""
+    hf, root = tiny_hf
+    fast, slow = str(root / "fast"), str(root / "slow")
+    convert(hf, fast, ConvertOptions(format="torch_dist", tp=2, progress=False))
+    monkeypatch.setattr(torch_dist_writer, "fast_archive", lambda dtype, shape: None)
+    convert(hf, slow, ConvertOptions(format="torch_dist", tp=2, progress=False))
+    it_fast, it_slow = os.path.join(fast, "release"), os.path.join(slow, "release")
+    names = sorted(os.listdir(it_fast))
+    assert names == sorted(os.listdir(it_slow)) and "__0_0.distcp" in names
+    _, mismatch, errors = filecmp.cmpfiles(it_fast, it_slow, [n for n in names if n != ".metadata"], shallow=False)
+    assert not mismatch and not errors
+    md = [pickle.loads(open(os.path.join(d, ".metadata"), "rb").read()) for d in (it_fast, it_slow)]
+    md[1].storage_meta.save_id = md[0].storage_meta.save_id
+    assert md[0] == md[1]
+
+
+def test_a_failed_write_surfaces_and_leaves_nothing(tiny_hf, monkeypatch):
+    """An error in the writer thread (a full disk) is raised in the caller and the output folder never appears."""
+    hf, root = tiny_hf
+    calls = {"n": 0}
+    real = torch_dist_writer._write_all
+
+    def failing(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(torch_dist_writer, "_write_all", failing)
+    out = str(root / "full_disk")
+    with pytest.raises(OSError, match="No space left"):
+        convert(hf, out, ConvertOptions(format="torch_dist", progress=False))
+    assert not os.path.exists(out)
+    assert not [n for n in os.listdir(root) if "full_disk" in n]

@@ -189,6 +189,12 @@ class TensorSource(abc.ABC):
         """The dtype `get(name)` will have (sources override this to answer without reading data)."""
         return self.get(name).dtype
 
+    def get_parts(self, name: str) -> list[torch.Tensor]:
+        """`get(name)` as contiguous row blocks whose concatenation along dim 0 is the tensor. A source that
+        holds a tensor in pieces (Megatron's TP shards) hands them out as they are, so a writer can stream them
+        without building the tensor; the default is the tensor itself."""
+        return [self.get(name)]
+
     def release(self) -> None:
         """Drop any memory the source holds for tensors already handed out."""
 
@@ -228,6 +234,9 @@ class CastSource(TensorSource):
     def get(self, name):
         t = self.inner.get(name)
         return t.to(self.dtype) if t.is_floating_point() else t
+
+    def get_parts(self, name):
+        return [t.to(self.dtype) if t.is_floating_point() else t for t in self.inner.get_parts(name)]
 
     def dtype_of(self, name):
         return self.dtype

@@ -130,8 +130,12 @@ def write_hf_checkpoint(source: TensorSource, dst: str, family: Family, *, base_
     with atomic_directory(dst, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
         for link in tqdm(plan.links, desc=f"writing {os.path.basename(dst)}", unit="tensor", disable=not progress):
-            for name, t in zip(link.hf, link.to_hf(plan.inputs(link))):
-                writer.write(name, t)
+            parts = plan.parts(link)
+            if parts is not None:  # the tensor as the source holds it (e.g. TP shards), never built whole
+                writer.write_parts(link.hf[0], parts)
+            else:
+                for name, t in zip(link.hf, link.to_hf(plan.inputs(link))):
+                    writer.write(name, t)
             source.release()
         writer.close()
         with open(os.path.join(tmp, "config.json"), "w") as f:

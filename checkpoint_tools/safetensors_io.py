@@ -314,21 +314,34 @@ class ShardedSafetensorsWriter:
             self._f.write(data[i:i + WRITE_CHUNK])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_parts(name, [tensor])
+
+    def write_parts(self, name: str, parts: list[torch.Tensor]) -> None:
+        """Write the tensor that is `parts` concatenated along dim 0 (e.g. TP shards' row blocks) without
+        building it: each block's bytes go to the file as they are (a non-contiguous block is copied alone)."""
         if self._pos >= len(self._queue):
             raise ValueError(f"unexpected tensor {name}: every planned tensor is written")
         i, spec = self._queue[self._pos]
         if name != spec.name:
             raise ValueError(f"tensors must arrive in planned order: expected {spec.name}, got {name}")
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {spec.shape} {spec.dtype}")
+        first = parts[0]
+        shape = tuple(first.shape) if len(parts) == 1 else (
+            (sum(p.shape[0] for p in parts),) + tuple(first.shape[1:]))
+        if (shape != spec.shape or any(p.dtype != spec.dtype for p in parts)
+                or any(tuple(p.shape[1:]) != tuple(first.shape[1:]) or p.dim() != first.dim() for p in parts)):
+            got = [f"{tuple(p.shape)} {p.dtype}" for p in parts]
+            raise ValueError(f"{name}: got {got[0] if len(got) == 1 else 'blocks ' + ', '.join(got)}, planned "
+                             f"{spec.shape} {spec.dtype}")
         if self._io is None:
             self._io = _WriteBehind()
         if i != self._shard:
             self._io.submit(lambda i=i: self._open_shard(i))
             self._shard = i
-        if spec.nbytes:
-            flat = tensor.detach().reshape(-1).contiguous()
-            self._io.submit(lambda flat=flat: self._write_bytes(flat), spec.nbytes)
+        for part in parts:
+            nbytes = part.numel() * part.element_size()
+            if nbytes:
+                flat = part.detach().reshape(-1).contiguous()
+                self._io.submit(lambda flat=flat: self._write_bytes(flat), nbytes)
         self._pos += 1
 
     def _finish_io(self) -> None:

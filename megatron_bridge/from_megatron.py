@@ -114,8 +114,17 @@ class MegatronSource(TensorSource):
         return self.ckpt.models(0, p)[v][key].dtype
 
     def get(self, name: str) -> torch.Tensor:
+        return self._merged(name, "merge")
+
+    def get_parts(self, name: str) -> list[torch.Tensor]:
+        """The TP shards' row blocks that make up `name`, nothing copied (see Kind.merge_parts)."""
+        return self._merged(name, "merge_parts")
+
+    def _merged(self, name: str, how: str):
+        """One parameter's shards merged (`merge`) or cut into blocks (`merge_parts`); the last one is kept, as
+        a fused parameter (QKV, gate/up) serves several canonical tensors in a row."""
         param, p, v, key, j = self._index[name]
-        if self._cache[0] != (p, v, key):
+        if self._cache[0] != (p, v, key, how):
             shards = [self.ckpt.models(t, p)[v][key] for t in range(self.ckpt.tp)]
-            self._cache = ((p, v, key), param.kind.merge(shards, self.shape))
+            self._cache = ((p, v, key, how), getattr(param.kind, how)(shards, self.shape))
         return self._cache[1][j]

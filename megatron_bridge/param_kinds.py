@@ -60,6 +60,12 @@ class Kind(abc.ABC):
         """Rank `rank`'s piece alone (equal to `split(...)[rank]`); kinds override it to skip building the rest."""
         return self.split(tensors, tp, shape)[rank]
 
+    def merge_parts(self, shards: Sequence[torch.Tensor], shape: Shape) -> list[list[torch.Tensor]]:
+        """`merge` without building anything: per canonical tensor, contiguous row blocks of the shards whose
+        concatenation along dim 0 is that tensor. A writer streams the blocks as they are (no copy of the merged
+        tensor); kinds whose merge interleaves within rows (Row) build the tensor, one block."""
+        return [[t] for t in self.merge(shards, shape)]
+
 
 class Replicated(Kind):
     name = "replicated"
@@ -84,6 +90,9 @@ class Column(Kind):
 
     def merge(self, shards, shape):
         return [torch.cat(list(shards), dim=0)]
+
+    def merge_parts(self, shards, shape):
+        return [list(shards)]
 
 
 class Row(Kind):
@@ -132,6 +141,17 @@ class VocabParallel(Kind):
             raise ValueError(f"vocab tensor has {full.shape[0]} rows < vocab_size={shape.vocab_size}")
         return [full[: shape.vocab_size]]
 
+    def merge_parts(self, shards, shape):
+        rows = sum(s.shape[0] for s in shards)
+        if rows < shape.vocab_size:
+            raise ValueError(f"vocab tensor has {rows} rows < vocab_size={shape.vocab_size}")
+        parts, left = [], shape.vocab_size
+        for s in shards:  # the padding rows at the end are left out
+            if left:
+                parts.append(s[:min(left, s.shape[0])])
+                left -= parts[-1].shape[0]
+        return [parts]
+
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Shape) -> torch.Tensor:
     """[nq*hd, ...], [ng*hd, ...], [ng*hd, ...] -> [ng * (nq/ng + 2) * hd, ...] grouped per KV head."""
@@ -173,6 +193,30 @@ class QKV(Kind):
     def merge(self, shards, shape):
         return unpack_qkv(torch.cat(list(shards), dim=0), shape)
 
+    def merge_parts(self, shards, shape):
+        # The fused rows, shard after shard, are groups of [q (nq/ng heads), k, v]: cut every shard at those
+        # boundaries and deal the blocks to q, k and v in order.
+        ng, hd = shape.num_groups, shape.head_dim
+        q_rows = shape.num_heads // ng * hd
+        block = q_rows + 2 * hd
+        ends = (q_rows, q_rows + hd, block)  # within a group: where q, k and v end
+        rows = sum(s.shape[0] for s in shards)
+        if rows != ng * block:
+            raise ValueError(f"linear_qkv has {rows} rows, expected {ng * block} (heads={shape.num_heads}, "
+                             f"groups={ng}, head_dim={hd})")
+        parts: list[list[torch.Tensor]] = [[], [], []]
+        pos = 0
+        for s in shards:
+            local = 0
+            while local < s.shape[0]:
+                within = pos % block
+                role = next(i for i, end in enumerate(ends) if within < end)
+                take = min(ends[role] - within, s.shape[0] - local)
+                parts[role].append(s[local:local + take])
+                local += take
+                pos += take
+        return parts
+
 
 class GatedMLP(Kind):
     n_inputs = 2
@@ -190,6 +234,13 @@ class GatedMLP(Kind):
     def merge(self, shards, shape):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+
+    def merge_parts(self, shards, shape):
+        for s in shards:
+            if s.shape[0] % 2:
+                raise ValueError(f"linear_fc1 shard has {s.shape[0]} rows: not [gate; up] halves")
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return [[h[0] for h in halves], [h[1] for h in halves]]
 
 
 REPLICATED, COLUMN, ROW, VOCAB, QKV_KIND, GATED_MLP = Replicated(), Column(), Row(), VocabParallel(), QKV(), GatedMLP()

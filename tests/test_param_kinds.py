@@ -189,3 +189,35 @@ def test_single_rank_shard_equals_split(tp, ng, bias):
         full = kind.split(ts, tp, shape)
         for r in range(tp):
             assert torch.equal(kind.shard(ts, tp, r, shape), full[r]), (kind.name, r)
+
+
+@pytest.mark.parametrize("tp,ng,bias", CASES)
+def test_merge_parts_are_blocks_of_merge(tp, ng, bias):
+    """`merge_parts` (what the Hugging Face writer streams from TP shards) concatenates to exactly `merge`, block
+    by block views of the shards themselves (no copy) for every kind but Row."""
+    rest = () if bias else (HIDDEN,)
+    vocab = 250
+    shape = Shape(NQ, ng, HD, vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp, 128))
+    qkv = [torch.randn((NQ * HD,) + rest), torch.randn((ng * HD,) + rest), torch.randn((ng * HD,) + rest)]
+    mlp = [torch.randn(24, HIDDEN), torch.randn(24, HIDDEN)]
+    emb = [torch.randn(vocab, HIDDEN)]
+    w = [torch.randn(24, 48)]
+    for kind, ts in [(QKV_KIND, qkv), (GATED_MLP, mlp), (VOCAB, emb), (COLUMN, w), (ROW, w), (REPLICATED, w)]:
+        shards = kind.split(ts, tp, shape)
+        merged, parts = kind.merge(shards, shape), kind.merge_parts(shards, shape)
+        assert len(parts) == len(merged) == len(ts), kind.name
+        for whole, blocks, original in zip(merged, parts, ts):
+            assert torch.equal(torch.cat(blocks), whole) and torch.equal(whole, original), kind.name
+            if kind is not ROW:
+                storages = {s.untyped_storage().data_ptr() for s in shards}
+                assert all(b.untyped_storage().data_ptr() in storages for b in blocks), kind.name
+
+
+def test_merge_parts_refuse_what_merge_refuses():
+    shape = Shape(NQ, 2, HD, vocab_size=250, padded_vocab_size=256)
+    with pytest.raises(ValueError, match="linear_qkv has"):
+        QKV_KIND.merge_parts([torch.randn(5, HIDDEN)], shape)
+    with pytest.raises(ValueError, match="rows < vocab_size"):
+        VOCAB.merge_parts([torch.randn(100, HIDDEN), torch.randn(100, HIDDEN)], shape)
+    with pytest.raises(ValueError, match="differs between TP rank"):
+        REPLICATED.merge_parts([torch.ones(4), torch.zeros(4)], shape)

@@ -94,3 +94,25 @@ def test_write_behind_keeps_order_and_reports_io_errors(tmp_path, monkeypatch):
     assert all(torch.equal(back.get(k), v) for k, v in ts.items())
     with pytest.raises(FileNotFoundError):
         write_tensors(str(tmp_path / "missing"), ts.items(), specs, max_shard_bytes=3000)
+
+
+def test_write_parts_streams_blocks_as_one_tensor(tmp_path):
+    """Row blocks (as TP shards hand them out, views and non-contiguous ones too) become the one tensor they
+    concatenate to; blocks that do not add up to the planned tensor are refused before anything is written."""
+    from checkpoint_tools.safetensors_io import ShardedSafetensorsWriter
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(10, 6, generator=g).to(torch.bfloat16)
+    blocks = [big[:3], big[3:4], big.t().contiguous().t()[4:], ]  # the last is a non-contiguous view
+    assert not blocks[2].is_contiguous()
+    bias = torch.randn(8, generator=g)
+    specs = [TensorSpec("w", (10, 6), torch.bfloat16), TensorSpec("b", (8,), torch.float32)]
+    w = ShardedSafetensorsWriter(str(tmp_path), specs, max_shard_bytes=100)
+    for bad, why in [([big[:3], big[3:9]], "planned"), ([big[:5], big[5:, :3]], "planned"),
+                     ([big[:5].float(), big[5:]], "planned")]:
+        with pytest.raises(ValueError, match=why):
+            w.write_parts("w", bad)
+    w.write_parts("w", blocks)
+    w.write_parts("b", [bias[:2], bias[2:]])
+    w.close()
+    got = SafetensorsDir(str(tmp_path))
+    assert torch.equal(got.get("w"), big) and torch.equal(got.get("b"), bias)

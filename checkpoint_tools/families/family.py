@@ -54,6 +54,14 @@ class WritePlan:
                 out.append(self.source.get(n))
         return out
 
+    def parts(self, link: Link) -> Optional[list[torch.Tensor]]:
+        """The source's row blocks of an identity link's one tensor (TensorSource.get_parts), else None: the
+        link's values must go through `to_hf`."""
+        (n,) = link.canonical if link.identity and len(link.canonical) == 1 else (None,)
+        if n is None or n in self.zero_fill:
+            return None
+        return self.source.get_parts(EMBED if n == LM_HEAD and self.source.config.tie_word_embeddings else n)
+
     def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(hf name, shape, dtype) of every tensor to write, in order (shapes from the links run on meta tensors)."""
         shapes = expected_shapes(self.source.config)

@@ -95,6 +95,9 @@ class Link:
     # The shapes `to_canonical` gives for HF tensors of the given shapes, computed from shapes alone (ValueError
     # when they cannot be split so); folds keep shapes, so a one-to-one link keeps them too.
     canonical_shapes: Callable[[Shapes], Shapes] = _same_shapes
+    # One tensor, the same values on both sides: a writer may stream the source's pieces of it (TP shards)
+    # straight to the file instead of calling to_hf on the whole tensor.
+    identity: bool = False
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -145,7 +148,8 @@ class Rename(Mapping):
         f = self.fold
         to_c = (lambda ts: ts) if f is None else (lambda ts: [f.fold(ts[0], ctx)])
         to_h = (lambda ts: ts) if f is None else (lambda ts: [f.unfold(ts[0], ctx)])
-        return [Link((self.hf.format(i=i),), (self.canonical.format(i=i),), to_c, to_h)
+        same = f is None or f.trivial(ctx)
+        return [Link((self.hf.format(i=i),), (self.canonical.format(i=i),), to_c, to_h, identity=same)
                 for i in _instances((self.canonical,), ctx)]
 
 

@@ -6,6 +6,8 @@ the disk idle; from a cold cache it then waits on the disk. Starting the reads b
 (`madvise(MADV_POPULATE_READ)` on a shared read-only mapping: the kernel reads, nothing is copied to user space, so
 the thread costs almost no CPU; a plain read loop where the kernel lacks it, Linux < 5.14).
 
+Megatron rank files are read by their CRC check, started here too (see `start_prefetch`).
+
 Only what the conversion will read is prefetched, in the order it reads it: the weight files of a Hugging Face
 folder, or the one iteration folder a Megatron tracker names (a training folder may hold many). The total is capped
 at half of the memory the kernel says is available, so a model larger than the page cache never evicts its own
@@ -18,6 +20,8 @@ import ctypes.util
 import os
 import threading
 from typing import Optional
+
+from checkpoint_tools import zip_integrity
 
 TRACKER = "latest_checkpointed_iteration.txt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".distcp")
@@ -145,8 +149,16 @@ class Prefetch:
 
 
 def start_prefetch(src: str, budget: Optional[int] = None) -> Optional[Prefetch]:
-    """Start prefetching the files a conversion of `src` reads; None when there is nothing to read."""
+    """Start prefetching the files a conversion of `src` reads; None when there is nothing to read.
+
+    Megatron rank files (torch zips) are read by their CRC check instead, started here
+    (zip_integrity.check_early): the conversion checks every one of them before use anyway, and now that reading
+    is what overlaps the import."""
     files = source_files(src)
+    if os.path.isfile(os.path.join(src, TRACKER)):
+        ranks = [p for p in files if p.endswith(".pt")]
+        zip_integrity.check_early(ranks)
+        files = [p for p in files if p not in set(ranks)]
     if not files:
         return None
     if budget is None:

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import time
 
 from checkpoint_tools.prefetch import start_prefetch, source_files
 
@@ -82,3 +83,42 @@ def test_prefetch_populates_the_page_cache_within_its_budget(tmp_path):
     assert resident_bytes(a) == 96 * mb
     # The budget stopped it 16 MB into b; the kernel's own readahead may add its window (8 MB here) or two.
     assert 16 * mb <= resident_bytes(b) <= 48 * mb
+
+
+def _rank_file(path: str) -> str:
+    import torch
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"w": torch.arange(100_000, dtype=torch.float32)}, path)
+    return path
+
+
+def _flip(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_early_crc_check_is_collected_once_and_never_stale(tmp_path):
+    """A damaged rank file found by the early check fails where the conversion collects it; a file changed after
+    its early check is checked again (the early result is for the bytes it read, not for the path)."""
+    import pytest
+    from checkpoint_tools import zip_integrity
+    from checkpoint_tools.errors import CheckpointError
+
+    good = _rank_file(str(tmp_path / "a" / "model_optim_rng.pt"))
+    bad = _rank_file(str(tmp_path / "b" / "model_optim_rng.pt"))
+    _flip(bad, os.path.getsize(bad) // 2)
+    zip_integrity.check_early([good, bad])
+    zip_integrity.check_zip_crc(good)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        zip_integrity.check_zip_crc(bad)
+    zip_integrity.check_early([good])
+    zip_integrity._early[os.path.abspath(good)][1].result()  # the early check passed on the old bytes
+    time.sleep(0.05)  # file times tick with the kernel's clock (a few ms): let the change show in mtime
+    _flip(good, os.path.getsize(good) // 2)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        zip_integrity.check_zip_crc(good)
+    assert zip_integrity._early == {}

@@ -6,7 +6,8 @@
         mp_rank_TT_PPP/model_optim_rng.pt         (PP > 1)
 
 Each pickle holds `args`, `checkpoint_version` (3.0), `iteration` and `model` (or `model0`, `model1`, ... with
-virtual pipeline stages), optionally `optimizer`, `opt_param_scheduler` and `rng_state`.
+virtual pipeline stages), optionally `optimizer`, `opt_param_scheduler` and `rng_state`. Rank files are written by
+`rank_file_writer` (torch.save's format, streamed one tensor at a time), never by torch.save itself.
 """
 from __future__ import annotations
 
@@ -68,14 +69,42 @@ def rank_payload(args: argparse.Namespace, iteration: Optional[int], models: lis
     return payload
 
 
-def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp: int, payload: dict) -> str:
+def rank_file_path(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp: int) -> str:
+    """`<root>/<iteration>/mp_rank_TT[_PPP]/model_optim_rng.pt`, its folder created."""
     d = os.path.join(root, iteration_dir_name(iteration), rank_dir_name(tp_rank, pp_rank, pp))
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, FILE_NAME)
-    import torch  # here, not at the top: reading a checkpoint (`inspect`) can go without torch
+    return os.path.join(d, FILE_NAME)
 
-    torch.save(payload, path)
-    return path
+
+def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp: int, payload: dict) -> str:
+    """Write a whole rank payload (e.g. a megatron-core model's state dicts) as torch.save would."""
+    from megatron_bridge.rank_file_writer import write_torch_file  # imports torch: `inspect` reads without it
+
+    return write_torch_file(rank_file_path(root, iteration, tp_rank, pp_rank, pp), payload)
+
+
+def save_rank_streamed(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, args: argparse.Namespace,
+                       tensors: Iterable[tuple[int, str, Any]], on_tensor: Callable[..., Any] = lambda: None,
+                       **writer_options) -> str:
+    """Write one rank file from (virtual chunk, name, tensor or None) items as they come: each tensor is written
+    (and released) while the next is built, and the pickle, `rank_payload`'s dict with the tensors' stand-ins, goes
+    last. `on_tensor` is called after each tensor is handed over (progress); `writer_options` go to RankFileWriter."""
+    from megatron_bridge.megatron_args import parallel_sizes
+    from megatron_bridge.rank_file_writer import RankFileWriter, gc_paused
+
+    _, pp, vpp = parallel_sizes(args)
+    path = rank_file_path(root, iteration, tp_rank, pp_rank, pp)
+    models: list[dict] = [{} for _ in range(vpp)]
+    # The collector would walk the growing heap again and again while nothing cyclic is made.
+    with RankFileWriter(path, **writer_options) as writer, gc_paused():
+        for v, name, tensor in tensors:
+            if tensor is None:
+                models[v][name] = None
+                continue
+            models[v][name] = writer.add(tensor)
+            del tensor  # the writer holds it until written; the loop must not keep it alive past that
+            on_tensor()
+        return writer.finish(rank_payload(args, iteration, models))
 
 
 @dataclass

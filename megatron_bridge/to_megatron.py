@@ -1,15 +1,17 @@
-"""Canonical tensors -> Megatron legacy checkpoint ranks, one output rank in memory at a time.
+"""Canonical tensors -> Megatron legacy checkpoint ranks, streamed: one tensor in memory at a time, not one rank.
 
-For every (pipeline rank, tensor rank) the rank's state dict is built from the canonical source by the layout table
-and the split kinds, saved, and freed before the next rank: peak memory is one rank's shard plus the canonical
-tensor being split.
+For every (pipeline rank, tensor rank), `rank_tensors` builds the rank's tensors one after another from the canonical
+source by the layout table and the split kinds, and `legacy_format.save_rank_streamed` writes each as its own record
+of the rank file while the next is built (`rank_file_writer`). A piece that is a contiguous slice of a memory-mapped
+source is written straight from the map; only pieces that are not contiguous (a row-parallel split) or are
+concatenated (fused QKV, gate+up) are copied once. Peak memory is the pieces in flight, not a rank's shard.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -24,15 +26,8 @@ from megatron_bridge.param_kinds import Kind, Shape, check_tp
 
 
 def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> torch.Tensor:
-    piece = kind.shard(tensors, tp, tp_rank, shape)
-    # torch.save pickles a tensor's whole storage: a piece that is part of a bigger (memory-mapped) storage is
-    # copied; one that is exactly its storage (a fresh tensor, or a whole input such as a merged tensor at TP=1 or a
-    # rank file's record) is saved as is, which spares a copy of every byte when resharding to TP=1.
-    storage = piece.untyped_storage()
-    whole = piece.storage_offset() == 0 and storage.nbytes() == piece.numel() * piece.element_size()
-    if not (whole and piece.is_contiguous()):
-        piece = piece.clone(memory_format=torch.contiguous_format)
-    return piece
+    # No clone: the rank file writer writes a view's own bytes (not its whole storage), straight from the source.
+    return kind.shard(tensors, tp, tp_rank, shape)
 
 
 def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
@@ -46,34 +41,38 @@ def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
     raise ValueError(f"Megatron needs {name}, which this model does not have")
 
 
-def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
-                pp_rank: int, on_tensor: Callable[[], None] = lambda: None) -> list[dict]:
-    """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank); `on_tensor` is called after each
-    tensor is split (progress)."""
+def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
+                 pp_rank: int) -> Iterator[tuple[int, str, Optional[torch.Tensor]]]:
+    """(virtual chunk, name, tensor) of model rank (tp_rank, pp_rank) in state-dict order, each built only when
+    asked for; the tensor is None for Transformer Engine's `_extra_state` entries."""
     cfg = source.config
     arch: Arch = arch_from_args(args)
     shape = shape_from_args(args, cfg.vocab_size)
     tp, pp, vpp = parallel_sizes(args)
     shapes = expected_shapes(cfg)
     layers = stage_layers(cfg.num_layers, pp, vpp)
-    models = []
     for v in range(vpp):
-        sd: dict = {}
         for param, canon in global_params(arch, pp_rank, v, pp, vpp):
-            sd[param.name(style)] = _shard(param.kind, [source.get(canon)], tp, tp_rank, shape)
-            on_tensor()
+            yield v, param.name(style), _shard(param.kind, [source.get(canon)], tp, tp_rank, shape)
         for local, layer in enumerate(layers[(pp_rank, v)]):
             prefix = layer_prefix(local)
             for param in LAYER_PARAMS:
                 if not param.present(arch):
                     continue
                 tensors = [_canonical(source, n, shapes) for n in canonical_layer_names(param.roles, layer)]
-                sd[prefix + param.name(style)] = _shard(param.kind, tensors, tp, tp_rank, shape)
-                on_tensor()
+                yield v, prefix + param.name(style), _shard(param.kind, tensors, tp, tp_rank, shape)
             if style == "te":
                 for extra in TE_EXTRA_STATE:
-                    sd[prefix + extra] = None
-        models.append(sd)
+                    yield v, prefix + extra, None
+
+
+def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
+                pp_rank: int) -> list[dict]:
+    """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank), whole in memory (for callers that
+    need them as dicts; writing streams `rank_tensors` instead)."""
+    models: list[dict] = [{} for _ in range(parallel_sizes(args)[2])]
+    for v, name, tensor in rank_tensors(source, args, style, tp_rank, pp_rank):
+        models[v][name] = tensor
     return models
 
 
@@ -119,11 +118,9 @@ def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, st
                    desc=f"writing {os.path.basename(os.path.abspath(dst))}")
         for p in range(pp):
             for t in range(tp):
-                models = rank_models(source, args, style, t, p, on_tensor=bar.update)
-                legacy_format.save_rank(tmp, iteration, t, p, pp,
-                                        legacy_format.rank_payload(args, iteration, models))
-                del models
-                source.release()
+                legacy_format.save_rank_streamed(tmp, iteration, t, p, args,
+                                                 rank_tensors(source, args, style, t, p), on_tensor=bar.update)
+                source.release()  # after the rank file is closed: no write still reads the source's maps
         bar.close()
         legacy_format.write_tracker(tmp, iteration)
         if copy_sidecar_from:

@@ -1,0 +1,168 @@
+"""Our torch zip writer (megatron_bridge/rank_file_writer.py) against every reader of rank files: torch.load
+(weights-only, memory-mapped, and with torch computing record offsets itself), our trust-policy loader, the
+torch-free pickle_peek and the CRC check. Also: a view is written as its own bytes, not its storage; a streamed rank
+holds a few tensors at a time; zip64 records (forced with a low threshold) read back; a flipped byte is caught."""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import weakref
+import zipfile
+
+import pytest
+import torch
+import torch.utils.serialization as torch_serialization
+
+from checkpoint_tools.errors import CheckpointError
+from checkpoint_tools.pickle_peek import TensorRecord, peek_torch_file
+from checkpoint_tools.zip_integrity import check_zip_crc
+from megatron_bridge import legacy_format
+from megatron_bridge.rank_file_writer import ALIGNMENT, RankFileWriter, write_torch_file
+from megatron_bridge.safe_load import safe_torch_load
+
+
+def _payload() -> dict:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 24, generator=g)  # one storage many pieces view
+    args = argparse.Namespace(num_layers=2, hidden_size=24, params_dtype=torch.bfloat16, tensor_model_parallel_size=1,
+                              pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=2)
+    chunk0 = {
+        "rows_view": base[8:16],  # contiguous view at a storage offset (a column-parallel split)
+        "cols_view": base[:, 5:17],  # not contiguous (a row-parallel split)
+        "transposed": base.t(),
+        "bf16": base[:4].to(torch.bfloat16),
+        "fp16": base[4:6].to(torch.float16),
+        "int64": torch.arange(7),
+        "int32_view": torch.arange(30, dtype=torch.int32)[10:20],
+        "uint8": torch.arange(5, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "float8": torch.linspace(-2, 2, 6).to(torch.float8_e4m3fn),  # torch.save's _rebuild_tensor_v3 path
+        "uint16": torch.arange(4, dtype=torch.int32).to(torch.uint16),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 24),
+        "empty_view": base[3:3],
+        "extra_state": None,  # Transformer Engine's _extra_state
+    }
+    shared = torch.randn(3, 3, generator=g)
+    chunk1 = {"weight": base[-1], "shared_a": shared, "shared_b": shared, "extra_state": None}
+    return legacy_format.rank_payload(args, None, [chunk0, chunk1])
+
+
+def _assert_same(got, want, where=""):
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), where
+        for k in want:
+            _assert_same(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), where
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), where
+        assert got.stride() == want.contiguous().stride(), where
+        # bit-exact (float8 has no equality kernel): compare the raw bytes of non-empty tensors
+        if want.numel():
+            assert torch.equal(got.reshape(-1).view(torch.uint8), want.contiguous().reshape(-1).view(torch.uint8)), where
+    elif isinstance(want, argparse.Namespace):
+        assert vars(got) == vars(want), where
+    else:
+        assert got == want and type(got) is type(want), where
+
+
+def _torch_load(path, **kw):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True, **kw)
+
+
+@pytest.mark.parametrize("threads", [True, False])
+@pytest.mark.parametrize("zip64_limit", [None, 0], ids=["plain", "zip64_forced"])
+def test_every_reader_gets_back_what_was_written(tmp_path, zip64_limit, threads):
+    payload = _payload()
+    path = str(tmp_path / "model_optim_rng.pt")
+    options = {"threads": threads} | ({} if zip64_limit is None else {"zip64_limit": zip64_limit})
+    write_torch_file(path, payload, **options)
+
+    check_zip_crc(path)
+    for loaded in (_torch_load(path), _torch_load(path, mmap=True), safe_torch_load(path)):
+        _assert_same(loaded, payload)
+    # torch may compute record offsets from miniz's layout rules instead of reading headers (.format_version 1):
+    # with its debug asserts it checks every computed offset against the header's.
+    names = zipfile.ZipFile(path).namelist()
+    assert ("model_optim_rng/.format_version" in names) == (zip64_limit is None)
+    old = torch_serialization.config.load.calculate_storage_offsets
+    os.environ["TORCH_SERIALIZATION_DEBUG"] = "1"
+    torch_serialization.config.load.calculate_storage_offsets = True
+    try:
+        _assert_same(_torch_load(path, mmap=True), payload)
+    finally:
+        torch_serialization.config.load.calculate_storage_offsets = old
+        del os.environ["TORCH_SERIALIZATION_DEBUG"]
+
+    peeked = peek_torch_file(path)
+    record = peeked["model0"]["rows_view"]
+    assert isinstance(record, TensorRecord) and record.shape == (8, 24) and str(record.dtype) == "torch.float32"
+    assert str(peeked["model0"]["float8"].dtype) == "torch.float8_e4m3fn"
+    assert peeked["model1"]["extra_state"] is None and peeked["args"].hidden_size == 24
+
+
+def test_views_are_written_as_their_own_bytes_at_aligned_offsets(tmp_path):
+    big = torch.randn(1000, 256)  # 1 MB storage; the view is 1 KB of it
+    path = str(tmp_path / "x.pt")
+    write_torch_file(path, {"row": big[500], "cols": big[:4, :2]})
+    z = zipfile.ZipFile(path)
+    sizes = {i.filename: i.file_size for i in z.infolist() if "/data/" in i.filename}
+    assert sizes == {"x/data/0": 256 * 4, "x/data/1": 8 * 4}
+    assert os.path.getsize(path) < 4096
+    with open(path, "rb") as f:
+        raw = f.read()
+    for info in z.infolist():  # torch.load(mmap=True) maps records in place: data at multiples of 64
+        name_len, extra_len = (int.from_bytes(raw[info.header_offset + o:info.header_offset + o + 2], "little")
+                               for o in (26, 28))
+        assert (info.header_offset + 30 + name_len + extra_len) % ALIGNMENT == 0, info.filename
+    loaded = _torch_load(path, mmap=True)
+    assert torch.equal(loaded["row"], big[500]) and loaded["row"].storage_offset() == 0
+    assert loaded["row"].untyped_storage().nbytes() == 256 * 4
+
+
+def test_a_flipped_byte_in_a_record_fails_the_crc_check(tmp_path):
+    path = str(tmp_path / "model_optim_rng.pt")
+    write_torch_file(path, {"w": torch.arange(4096, dtype=torch.float32)})
+    info = zipfile.ZipFile(path).getinfo("model_optim_rng/data/0")
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 200)  # inside the data (header + padding is 64 bytes)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CheckpointError, match="checksum mismatch in record model_optim_rng/data/0"):
+        check_zip_crc(path)
+
+
+def test_a_streamed_rank_holds_a_few_tensors_not_the_rank(tmp_path):
+    """save_rank_streamed with a generator of fresh 1 MB tensors and 1 MB allowed in flight: at most a few are alive
+    at once (the writer frees each once written), and the file loads as the dict of all of them."""
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = 0
+    n, args = 12, argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+
+    def tensors():
+        nonlocal most
+        for i in range(n):
+            gc.collect()
+            most = max(most, len(alive))
+            t = torch.full((256, 1024), float(i))
+            alive.add(t)
+            yield 0, f"layer{i}.weight", t
+
+    path = legacy_format.save_rank_streamed(str(tmp_path), None, 0, 0, args, tensors(), max_in_flight=1 << 20)
+    assert most <= 3, most
+    legacy_format.write_tracker(str(tmp_path), None)
+    loaded = legacy_format.load_rank(str(tmp_path), 0, 0)
+    assert list(loaded["model"]) == [f"layer{i}.weight" for i in range(n)]
+    assert all(torch.equal(loaded["model"][f"layer{i}.weight"], torch.full((256, 1024), float(i))) for i in range(n))
+    assert path.endswith(os.path.join("release", "mp_rank_00", "model_optim_rng.pt"))
+
+
+def test_what_the_writer_cannot_store_is_refused_by_name(tmp_path):
+    with RankFileWriter(str(tmp_path / "x.pt")) as w:
+        with pytest.raises(TypeError, match="x.pt: add\\(\\) takes a tensor, got list"):
+            w.add([1, 2])
+        with pytest.raises(ValueError, match="x.pt: cannot write a Tensor with layout torch.sparse_coo"):
+            w.add(torch.eye(3).to_sparse())

@@ -195,6 +195,11 @@ class TensorSource(abc.ABC):
         without building the tensor; the default is the tensor itself."""
         return [self.get(name)]
 
+    def get_column_parts(self, name: str) -> Optional[list[torch.Tensor]]:
+        """`get(name)` as column blocks whose concatenation along dim 1 is the tensor, when the source holds it so
+        (a row-parallel weight's TP shards), else None."""
+        return None
+
     def release(self) -> None:
         """Drop any memory the source holds for tensors already handed out."""
 
@@ -237,6 +242,10 @@ class CastSource(TensorSource):
 
     def get_parts(self, name):
         return [t.to(self.dtype) if t.is_floating_point() else t for t in self.inner.get_parts(name)]
+
+    def get_column_parts(self, name):
+        parts = self.inner.get_column_parts(name)
+        return None if parts is None else [t.to(self.dtype) if t.is_floating_point() else t for t in parts]
 
     def dtype_of(self, name):
         return self.dtype

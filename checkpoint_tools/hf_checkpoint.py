@@ -130,9 +130,9 @@ def write_hf_checkpoint(source: TensorSource, dst: str, family: Family, *, base_
     with atomic_directory(dst, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes)
         for link in tqdm(plan.links, desc=f"writing {os.path.basename(dst)}", unit="tensor", disable=not progress):
-            parts = plan.parts(link)
-            if parts is not None:  # the tensor as the source holds it (e.g. TP shards), never built whole
-                writer.write_parts(link.hf[0], parts)
+            blocks = plan.parts(link)
+            if blocks is not None:  # the tensor as the source holds it (e.g. TP shards), never built whole
+                writer.write_parts(link.hf[0], *blocks)
             else:
                 for name, t in zip(link.hf, link.to_hf(plan.inputs(link))):
                     writer.write(name, t)

@@ -215,6 +215,25 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _writev_all(fd: int, buffers: list) -> None:
+    """os.writev until every byte is written (a regular file may take less than asked, e.g. near a full disk)."""
+    done = os.writev(fd, buffers)
+    total = sum(len(b) for b in buffers)
+    if done == total:
+        return
+    for b in buffers:  # the rare short write: finish piece by piece
+        if done >= len(b):
+            done -= len(b)
+            continue
+        view = memoryview(b)[done:]
+        while len(view):
+            view = view[os.write(fd, view):]
+        done = 0
+
+
 class _WriteBehind:
     """One background thread that runs file operations in the order they are submitted.
 
@@ -313,22 +332,46 @@ class ShardedSafetensorsWriter:
         for i in range(0, len(data), WRITE_CHUNK):
             self._f.write(data[i:i + WRITE_CHUNK])
 
+    def _write_side_by_side(self, blocks: list[torch.Tensor]) -> None:
+        """Row r of the file's tensor is row r of every block in turn: the rows' bytes are handed to writev in
+        batches (one syscall per IOV_MAX rows), never copied into a merged tensor."""
+        self._f.flush()
+        fd = self._f.fileno()
+        views = [b.view(torch.uint8).numpy().data.cast("B") for b in blocks]
+        widths = [b.shape[1] * b.element_size() for b in blocks]
+        batch, pending = [], 0
+        for r in range(blocks[0].shape[0]):
+            for v, w in zip(views, widths):
+                batch.append(v[r * w:(r + 1) * w])
+                pending += w
+            if len(batch) >= _IOV_MAX - len(views) or pending >= WRITE_CHUNK:
+                _writev_all(fd, batch)
+                batch, pending = [], 0
+        if batch:
+            _writev_all(fd, batch)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.write_parts(name, [tensor])
 
-    def write_parts(self, name: str, parts: list[torch.Tensor]) -> None:
-        """Write the tensor that is `parts` concatenated along dim 0 (e.g. TP shards' row blocks) without
-        building it: each block's bytes go to the file as they are (a non-contiguous block is copied alone)."""
+    def write_parts(self, name: str, parts: list[torch.Tensor], dim: int = 0) -> None:
+        """Write the tensor that is `parts` concatenated along `dim` without building it: row blocks (dim 0, e.g.
+        TP shards of a column-parallel weight) go to the file as they are; column blocks (dim 1, a row-parallel
+        weight's shards) row by row, gathered into vectored writes. A non-contiguous block is copied alone."""
         if self._pos >= len(self._queue):
             raise ValueError(f"unexpected tensor {name}: every planned tensor is written")
         i, spec = self._queue[self._pos]
         if name != spec.name:
             raise ValueError(f"tensors must arrive in planned order: expected {spec.name}, got {name}")
         first = parts[0]
-        shape = tuple(first.shape) if len(parts) == 1 else (
-            (sum(p.shape[0] for p in parts),) + tuple(first.shape[1:]))
+        if len(parts) == 1:
+            shape = tuple(first.shape)
+        elif dim == 0:
+            shape = (sum(p.shape[0] for p in parts),) + tuple(first.shape[1:])
+        else:
+            shape = (first.shape[0], sum(p.shape[1] for p in parts)) if first.dim() == 2 else ()
+        same = [j for j in range(first.dim()) if j != dim]
         if (shape != spec.shape or any(p.dtype != spec.dtype for p in parts)
-                or any(tuple(p.shape[1:]) != tuple(first.shape[1:]) or p.dim() != first.dim() for p in parts)):
+                or any(p.dim() != first.dim() or any(p.shape[j] != first.shape[j] for j in same) for p in parts)):
             got = [f"{tuple(p.shape)} {p.dtype}" for p in parts]
             raise ValueError(f"{name}: got {got[0] if len(got) == 1 else 'blocks ' + ', '.join(got)}, planned "
                              f"{spec.shape} {spec.dtype}")
@@ -337,6 +380,11 @@ class ShardedSafetensorsWriter:
         if i != self._shard:
             self._io.submit(lambda i=i: self._open_shard(i))
             self._shard = i
+        if dim == 1 and len(parts) > 1:
+            flats = [p.detach().contiguous() for p in parts]
+            self._io.submit(lambda flats=flats: self._write_side_by_side(flats), spec.nbytes)
+            self._pos += 1
+            return
         for part in parts:
             nbytes = part.numel() * part.element_size()
             if nbytes:

@@ -13,6 +13,7 @@ import torch
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_tensor_names
 from checkpoint_tools.canonical import EMBED
 from checkpoint_tools.errors import CheckpointError
+from megatron_bridge.param_kinds import ROW
 from megatron_bridge.layout import (EMBEDDING, LAYER_PARAMS, OUTPUT_LAYER, TE_EXTRA_STATE, Param,
                                     canonical_layer_names, global_params, layer_prefix, stage_layers)
 from megatron_bridge.legacy_format import LegacyCheckpoint
@@ -120,11 +121,17 @@ class MegatronSource(TensorSource):
         """The TP shards' row blocks that make up `name`, nothing copied (see Kind.merge_parts)."""
         return self._merged(name, "merge_parts")
 
+    def get_column_parts(self, name: str) -> Optional[list[torch.Tensor]]:
+        """A row-parallel weight's TP shards as they are (their concatenation along dim 1 is the tensor)."""
+        param = self._index[name][0]
+        return self._merged(name, "column_parts") if param.kind is ROW else None
+
     def _merged(self, name: str, how: str):
         """One parameter's shards merged (`merge`) or cut into blocks (`merge_parts`); the last one is kept, as
         a fused parameter (QKV, gate/up) serves several canonical tensors in a row."""
         param, p, v, key, j = self._index[name]
         if self._cache[0] != (p, v, key, how):
             shards = [self.ckpt.models(t, p)[v][key] for t in range(self.ckpt.tp)]
-            self._cache = ((p, v, key, how), getattr(param.kind, how)(shards, self.shape))
+            self._cache = ((p, v, key, how), [shards] if how == "column_parts" else
+                           getattr(param.kind, how)(shards, self.shape))
         return self._cache[1][j]

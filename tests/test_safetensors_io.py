@@ -116,3 +116,22 @@ def test_write_parts_streams_blocks_as_one_tensor(tmp_path):
     w.close()
     got = SafetensorsDir(str(tmp_path))
     assert torch.equal(got.get("w"), big) and torch.equal(got.get("b"), bias)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 3000])  # 3000 rows x 3 blocks: several vectored-write batches
+def test_write_parts_side_by_side_column_blocks(tmp_path, rows):
+    """Column blocks (a row-parallel weight's TP shards) become the tensor they concatenate to along dim 1, with no
+    merged copy; blocks whose rows or dtype differ are refused."""
+    from checkpoint_tools.safetensors_io import ShardedSafetensorsWriter
+    g = torch.Generator().manual_seed(rows)
+    blocks = [torch.randn(rows, c, generator=g).to(torch.bfloat16) for c in (4, 4, 8)]
+    full = torch.cat(blocks, dim=1)
+    specs = [TensorSpec("w", tuple(full.shape), torch.bfloat16), TensorSpec("tail", (3,), torch.float32)]
+    w = ShardedSafetensorsWriter(str(tmp_path), specs)
+    with pytest.raises(ValueError, match="planned"):
+        w.write_parts("w", [blocks[0], blocks[1][:-1] if rows > 1 else blocks[1].float(), blocks[2]], dim=1)
+    w.write_parts("w", [blocks[0], blocks[1].t().contiguous().t(), blocks[2]], dim=1)  # a non-contiguous block too
+    w.write("tail", torch.arange(3.0))
+    w.close()
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(got["w"], full) and torch.equal(got["tail"], torch.arange(3.0))

@@ -54,13 +54,16 @@ class WritePlan:
                 out.append(self.source.get(n))
         return out
 
-    def parts(self, link: Link) -> Optional[list[torch.Tensor]]:
-        """The source's row blocks of an identity link's one tensor (TensorSource.get_parts), else None: the
-        link's values must go through `to_hf`."""
+    def parts(self, link: Link) -> Optional[tuple[list[torch.Tensor], int]]:
+        """An identity link's one tensor as the source holds it, (blocks, the dim they concatenate along): column
+        blocks where the source has them (TensorSource.get_column_parts), else row blocks (get_parts). None for
+        any other link: its values go through `to_hf`."""
         (n,) = link.canonical if link.identity and len(link.canonical) == 1 else (None,)
         if n is None or n in self.zero_fill:
             return None
-        return self.source.get_parts(EMBED if n == LM_HEAD and self.source.config.tie_word_embeddings else n)
+        n = EMBED if n == LM_HEAD and self.source.config.tie_word_embeddings else n
+        columns = self.source.get_column_parts(n)
+        return (columns, 1) if columns is not None else (self.source.get_parts(n), 0)
 
     def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(hf name, shape, dtype) of every tensor to write, in order (shapes from the links run on meta tensors)."""

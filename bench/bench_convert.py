@@ -218,6 +218,17 @@ def summary(samples: list[dict]) -> dict:
             "peak_anon_gb": max(s["anon"] for s in samples) / GB, "peak_file_gb": max(s["file"] for s in samples) / GB}
 
 
+def startup_seconds(runs: int) -> float:
+    """Median wall time of starting Python and importing the converter (torch included), warm: the fixed cost in
+    every conversion time, the same at 1B and at 70B."""
+    secs = []
+    for _ in range(max(runs, 3)):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import megatron_bridge.convert"], cwd=ROOT, check=True)
+        secs.append(time.perf_counter() - t0)
+    return statistics.median(secs)
+
+
 def floors(src: str, dst: str, runs: int, cold: bool) -> dict:
     """`cp -r` and the user-space copy of `src`, `runs` times each."""
     rm = lambda: shutil.rmtree(dst, ignore_errors=True)  # noqa: E731
@@ -300,8 +311,9 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
     return rows
 
 
-def print_table(rows: list[dict], runs: int, tp: int, pp: int, reshard: str, cold: bool) -> None:
-    print(f"\n{runs} runs each, TP={tp} PP={pp} (legacy_to_legacy to TP,PP={reshard}); "
+def print_table(rows: list[dict], runs: int, tp: int, pp: int, reshard: str, cold: bool, startup: float) -> None:
+    print(f"\nstart-up (Python + torch + converter imports, warm, included in every conversion time): {startup:.1f} s")
+    print(f"{runs} runs each, TP={tp} PP={pp} (legacy_to_legacy to TP,PP={reshard}); "
           f"{'cold page cache before every run (drop_caches)' if cold else 'warm page cache (no permission to drop it)'}"
           f"; times until the bytes are on disk (sync).\nx cp / x copy: median time over the median of `cp -r` / of a "
           f"user-space read+write copy of the same source; cpu: CPU seconds (user+sys) of the process tree, x cpu: "
@@ -342,16 +354,18 @@ def main(argv=None) -> int:
     work = a.work_dir or tempfile.mkdtemp(prefix="bench-convert-")
     os.makedirs(work, exist_ok=True)
     rows: list[dict] = []
+    startup = startup_seconds(a.runs)
+    print(f"# start-up (Python + torch + converter imports): {startup:.2f} s", flush=True)
     try:
         for size in a.sizes.split(","):
             rows += bench_size(size.strip(), a, work, cold)
     finally:
         if not a.keep and not a.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, a.runs, a.tp, a.pp, a.reshard, cold)
+    print_table(rows, a.runs, a.tp, a.pp, a.reshard, cold, startup)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"startup_s": startup, "rows": rows}, f, indent=2)
     return 0
 
 

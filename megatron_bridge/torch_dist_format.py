@@ -140,6 +140,16 @@ def validate(root: str, policy: PolicyLike = None, *, light: bool = False) -> di
     """Check that every file the index names exists and is long enough and that every pickle in the checkpoint
     (common.pt or the common_state object, .metadata, byte objects) passes the trust policy; return the common
     state dict. `light`: read through checkpoint_tools.pickle_peek (stand-ins, no torch import)."""
+    return _validate(root, policy, light, light)[0]
+
+
+def validate_index(root: str, policy: PolicyLike = None) -> tuple[dict, object]:
+    """`validate`, returning the common state (loaded by torch) and the DCP index, read once, as pickle_peek
+    stand-ins: vetted the same way, and torch.distributed.checkpoint (1-2 s of imports) is never needed."""
+    return _validate(root, policy, False, True)
+
+
+def _validate(root: str, policy: PolicyLike, light: bool, light_index: bool) -> tuple[dict, object]:
     it_dir = iteration_dir(root)
     with open(os.path.join(it_dir, "metadata.json")) as f:
         meta = json.load(f)
@@ -150,7 +160,7 @@ def validate(root: str, policy: PolicyLike = None, *, light: bool = False) -> di
     has_file = os.path.exists(os.path.join(it_dir, COMMON_FILE))
     load = peek_torch_file if light else load_torch_file
     common = load(os.path.join(it_dir, COMMON_FILE), policy, mmap=False) if has_file else None
-    md = read_dcp_metadata(root, policy, light=light)
+    md = read_dcp_metadata(root, policy, light=light_index)
     need: dict[str, int] = {}
     for info in (md.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
@@ -166,7 +176,7 @@ def validate(root: str, policy: PolicyLike = None, *, light: bool = False) -> di
     if common is None:
         common = _common_from_shards(it_dir, md, policy, light)
     vet_byte_objects(root, md, policy)
-    return common
+    return common, md
 
 
 def tensor_index(root: str, policy: PolicyLike = None, *, light: bool = False

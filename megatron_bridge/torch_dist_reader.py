@@ -20,6 +20,7 @@ import torch
 
 from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_shapes, expected_tensor_names
 from checkpoint_tools.errors import CheckpointError
+from checkpoint_tools.pickle_peek import TorchName, is_stand_in
 from checkpoint_tools.pickle_trust import PolicyLike, load_torch_stream, trust_policy
 from megatron_bridge import torch_dist_format
 from megatron_bridge.layout import canonical_layer_names
@@ -99,13 +100,29 @@ def check_tiling(where: str, size: tuple[int, ...], chunks: list[Region]) -> Non
                               f"{list(size)}; the checkpoint is incomplete (a rank's shards are missing)")
 
 
+# The TP=1 tensor's shape of each kind, from its canonical tensors' shapes: the rows concatenate (QKV's groups
+# interleave whole rows of q, k and v), the vocab is padded. Worked out by arithmetic because the first `cat` of
+# meta tensors imports torch's meta kernels (sympy and the decompositions: about 3 s).
+_GLOBAL_SHAPE = {
+    "replicated": lambda shapes, shape: shapes[0],
+    "column": lambda shapes, shape: shapes[0],
+    "row": lambda shapes, shape: shapes[0],
+    "qkv": lambda shapes, shape: (sum(s[0] for s in shapes),) + shapes[0][1:],
+    "gated_mlp": lambda shapes, shape: (sum(s[0] for s in shapes),) + shapes[0][1:],
+    "vocab": lambda shapes, shape: (shape.padded_vocab_size,) + shapes[0][1:],
+}
+
+
 def _expected_global_shape(dk: DistKey, cfg: CanonicalConfig, shape, num_layers: int) -> tuple[int, ...]:
-    """What megatron-core's global tensor of `dk` measures, worked out on meta tensors by the same kinds that split
-    it (a bias the args imply and the model lacks has the shape it would have)."""
+    """What megatron-core's global tensor of `dk` measures (a bias the args imply and the model lacks has the shape
+    it would have); a kind the table lacks is worked out on meta tensors by its shard()."""
     shapes = expected_shapes(dataclasses.replace(cfg, qkv_bias=True, o_bias=True, mlp_bias=True))
     names = canonical_layer_names(dk.param.roles, 0) if dk.per_layer else list(dk.param.roles)
-    metas = [torch.empty(shapes[n], device="meta") for n in names]
-    one = tuple(dk.param.kind.shard(metas, 1, 0, shape).shape)
+    rule = _GLOBAL_SHAPE.get(dk.param.kind.name)
+    if rule:
+        one = tuple(rule([tuple(shapes[n]) for n in names], shape))
+    else:
+        one = tuple(dk.param.kind.shard([torch.empty(shapes[n], device="meta") for n in names], 1, 0, shape).shape)
     return (num_layers,) + one if dk.per_layer else one
 
 
@@ -122,6 +139,27 @@ def _from_global(dk: DistKey, t: torch.Tensor, shape) -> list[torch.Tensor]:
     return _FROM_GLOBAL.get(dk.param.kind.name, lambda t, shape: [t])(t, shape)
 
 
+def _qkv_parts(t: torch.Tensor, shape) -> list[list[torch.Tensor]]:
+    """q, k and v of a fused QKV tensor as the row blocks they are in it (one per KV group): views, where
+    unpack_qkv's q, k and v are copies."""
+    per, hd = shape.num_heads // shape.num_groups, shape.head_dim
+    block = (per + 2) * hd
+    if t.shape[0] != shape.num_groups * block:
+        return [[x] for x in unpack_qkv(t, shape)]  # its error names the rows that do not fit
+    starts = [g * block for g in range(shape.num_groups)]
+    return [[t[s:s + per * hd] for s in starts], [t[s + per * hd:s + per * hd + hd] for s in starts],
+            [t[s + per * hd + hd:s + block] for s in starts]]
+
+
+def _torch_dtype(value, where: str) -> torch.dtype:
+    """A dtype of the index (read as a pickle_peek name) as torch's."""
+    if isinstance(value, TorchName) and value.module == "torch":
+        value = getattr(torch, value.name, None)
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"{where}: dtype {value!r} is not a torch dtype; the index is damaged")
+    return value
+
+
 class TorchDistSource(TensorSource):
     """Canonical view of a torch_dist checkpoint at any saved layout, local or Transformer Engine names."""
 
@@ -129,13 +167,13 @@ class TorchDistSource(TensorSource):
                  policy: PolicyLike = None):
         self.root, self.policy = root, trust_policy(policy)
         self.it_dir = torch_dist_format.iteration_dir(root)
-        self.common = torch_dist_format.validate(root, self.policy)  # every file present and long enough
-        md = torch_dist_format.read_dcp_metadata(root, self.policy)
+        # every file present and long enough, every pickle vetted; the index as stand-ins (no DCP import)
+        self.common, md = torch_dist_format.validate_index(root, self.policy)
         args = self.args = self.common["args"]
         self.config, self.vocab_known = source_config(args, root, base_config, vocab_size)
         self.shape = shape_from_args(args, self.config.vocab_size)
         self._keys, self.skipped = self._classify(md, model_keys(arch_from_args(args)))
-        self._storage = {(i.fqn, tuple(i.offset) if i.offset is not None else None): info
+        self._storage = {(i.fqn, tuple(i.offset) if getattr(i, "offset", None) is not None else None): info
                          for i, info in (md.storage_data or {}).items()}
         self._chunks: dict[str, list[Region]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -149,7 +187,7 @@ class TorchDistSource(TensorSource):
                 names = canonical_layer_names(dk.param.roles, layer) if dk.per_layer else list(dk.param.roles)
                 for j, name in enumerate(names):
                     self._index[name] = (stored, dk, layer, j)
-        self._slice: tuple = (None, None)  # ((stored key, layer), canonical tensors of that slice)
+        self._slice: dict = {}  # key: (stored key, layer), global: its tensor, tensors/parts: cut from it
         self._blob: tuple = (None, None)   # ((stored key, offsets), a chunk spanning more than one slice)
         self._files: dict[str, int] = {}
         wanted = set(expected_tensor_names(self.config))
@@ -195,23 +233,25 @@ class TorchDistSource(TensorSource):
         return keys, skipped
 
     def _check_key(self, md, stored: str, dk: DistKey) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
         where = f"{self.it_dir}/.metadata: {stored}"
         m = md.state_dict_metadata[stored]
-        if not isinstance(m, TensorStorageMetadata):
-            raise CheckpointError(f"{where}: stored as {type(m).__name__}, expected a tensor")
-        size = tuple(m.size)
+        if not is_stand_in(m, "torch.distributed.checkpoint.metadata", "TensorStorageMetadata"):
+            raise CheckpointError(f"{where}: stored as {getattr(type(m), 'origin', (0, type(m).__name__))[1]}, "
+                                  f"expected a tensor")
+        try:
+            size, dtype = tuple(m.size), _torch_dtype(m.properties.dtype, where)
+            chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks]
+        except (AttributeError, TypeError) as e:
+            raise CheckpointError(f"{where}: a damaged index entry ({e})") from None
         want = _expected_global_shape(dk, self.config, self.shape, self.config.num_layers)
         if size != want:
             raise CheckpointError(f"{where}: global shape {list(size)}, but the args imply {list(want)}")
-        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks]
         check_tiling(where, size, chunks)
         lost = [list(off) for off, _ in chunks if (stored, off) not in self._storage]
         if lost:
             raise CheckpointError(f"{where}: chunks at offsets {lost[:5]} have no storage entry in the index")
         self._chunks[stored], self._size[stored] = chunks, size
-        self._dtypes[stored] = m.properties.dtype
+        self._dtypes[stored] = dtype
 
     def _check_absent_are_zero(self, extra: set) -> None:
         """Biases Megatron's args forced on a model without them must still be zero, or the target loses them."""
@@ -226,12 +266,30 @@ class TorchDistSource(TensorSource):
     def dtype_of(self, name: str) -> torch.dtype:
         return self._dtypes[self._index[name][0]]
 
+    def _global_slice(self, stored: str, layer: Optional[int]) -> dict:
+        """The global tensor of `stored` at `layer` (read once, kept until the next one) and what was cut from it."""
+        if self._slice.get("key") != (stored, layer):
+            self._slice = {}  # free the previous slice before reading the next
+            self._slice = {"key": (stored, layer), "global": self._read(stored, layer)}
+        return self._slice
+
     def get(self, name: str) -> torch.Tensor:
         stored, dk, layer, j = self._index[name]
-        if self._slice[0] != (stored, layer):
-            self._slice = (None, None)  # free the previous slice before reading the next
-            self._slice = ((stored, layer), _from_global(dk, self._read(stored, layer), self.shape))
-        return self._slice[1][j]
+        got = self._global_slice(stored, layer)
+        if "tensors" not in got:
+            got["tensors"] = _from_global(dk, got["global"], self.shape)
+        return got["tensors"][j]
+
+    def get_parts(self, name: str) -> list[torch.Tensor]:
+        """q, k or v as the row blocks they are in the fused QKV tensor (views: unpack_qkv's tensors are copies);
+        any other tensor whole."""
+        stored, dk, layer, j = self._index[name]
+        if dk.param.kind.name != "qkv":
+            return [self.get(name)]
+        got = self._global_slice(stored, layer)
+        if "parts" not in got:
+            got["parts"] = _qkv_parts(got["global"], self.shape)
+        return got["parts"][j]
 
     def release(self) -> None:
         self._blob = (None, None)

@@ -9,8 +9,8 @@ leave out, and why it matters (CPU seconds of the import alone, measured by the 
   - `inspect`, any format (legacy, torch_dist, Hugging Face safetensors and pytorch_model.bin): torch and numpy
     (checkpoint_tools.pickle_peek reads the pickles as shape/dtype stand-ins, safetensors are read as headers), so it
     starts about as fast as Python does;
-  - the Hugging Face and legacy paths: PyTorch DCP (`torch.distributed.checkpoint`, about 1 s more), which only the
-    torch_dist format needs.
+  - conversions of any format: PyTorch DCP (`torch.distributed.checkpoint`, about 1-2 s more): the torch_dist
+    reader and writer handle its index as stand-ins.
 """
 from __future__ import annotations
 
@@ -113,9 +113,14 @@ def test_inspect_of_any_format_imports_no_torch_or_numpy(ckpts, tmp_path):
 
 def test_torch_dist_paths_import_no_megatron_core_or_transformers(ckpts, tmp_path):
     dist, root = ckpts["torch_dist"], ckpts["root"]
-    for argv in [("convert", dist, str(root / "dist_to_hf"), "--no-progress")]:
+    for argv, ran in [(("convert", dist, str(root / "dist_to_hf"), "--no-progress"), "torch_dist_reader"),
+                      (("convert", ckpts["hf"], str(root / "hf_to_dist"), "--format", "torch_dist", "--no-progress"),
+                       "torch_dist_writer")]:
         modules = imported(tmp_path, *argv)
-        assert DCP in modules  # the torch_dist reader did run
+        # the reader or writer did run, with the DCP index as stand-ins (torch_dist_format.validate_index,
+        # dcp_index): torch.distributed.checkpoint is never imported
+        assert f"megatron_bridge.{ran}" in modules and DCP not in modules, argv
         assert not leaves_out(modules, MEGATRON_CORE, TRANSFORMERS), (argv, leaves_out(
             modules, MEGATRON_CORE, TRANSFORMERS)[:10])
     assert os.path.isfile(os.path.join(root, "dist_to_hf", "config.json"))
+    assert os.path.isfile(os.path.join(root, "hf_to_dist", "release", ".metadata"))

@@ -167,3 +167,48 @@ def test_a_failed_write_surfaces_and_leaves_nothing(tiny_hf, monkeypatch):
         convert(hf, out, ConvertOptions(format="torch_dist", progress=False))
     assert not os.path.exists(out)
     assert not [n for n in os.listdir(root) if "full_disk" in n]
+
+
+def test_global_shapes_by_arithmetic_equal_the_kinds_own_shard():
+    """The reader checks each key's global shape by arithmetic (a meta `cat` would import sympy, ~3 s): it must
+    equal what each kind's shard() builds, for every key of a model with every option."""
+    import dataclasses
+
+    from checkpoint_tools.canonical import CanonicalConfig, expected_shapes
+    from megatron_bridge.layout import Arch, canonical_layer_names
+    from megatron_bridge.torch_dist_keys import model_keys
+    from megatron_bridge.torch_dist_reader import _GLOBAL_SHAPE, _expected_global_shape
+
+    cfg = CanonicalConfig(hidden_size=48, intermediate_size=80, num_layers=3, num_attention_heads=6,
+                          num_key_value_heads=2, vocab_size=250, head_dim=8, qkv_bias=True, o_bias=True,
+                          mlp_bias=True, qk_norm=True, tie_word_embeddings=False)
+    shape = Shape(num_heads=6, num_groups=2, head_dim=8, vocab_size=250, padded_vocab_size=256)
+    shapes = expected_shapes(dataclasses.replace(cfg, qkv_bias=True, o_bias=True, mlp_bias=True))
+    keys = model_keys(Arch(qkv_bias=True, linear_bias=True, qk_layernorm=True, untie=True))
+    for dk in keys:
+        assert dk.param.kind.name in _GLOBAL_SHAPE
+        names = canonical_layer_names(dk.param.roles, 0) if dk.per_layer else list(dk.param.roles)
+        built = dk.param.kind.shard([torch.zeros(shapes[n]) for n in names], 1, 0, shape).shape
+        want = ((3,) if dk.per_layer else ()) + tuple(built)
+        assert _expected_global_shape(dk, cfg, shape, 3) == want, dk.key
+
+
+def test_qkv_parts_are_views_of_the_fused_tensor(tiny_hf):
+    """get_parts hands q, k and v out as row blocks of the fused tensor (the HF writer streams them, no copy);
+    they concatenate to get()'s tensors."""
+    from megatron_bridge.torch_dist_reader import TorchDistSource
+
+    hf, root = tiny_hf
+    out = str(root / "parts")
+    convert(hf, out, ConvertOptions(format="torch_dist", progress=False))
+    src = TorchDistSource(out)
+    try:
+        for role in ("q", "k", "v"):
+            name = f"model.layers.1.self_attn.{role}_proj.weight"
+            parts = src.get_parts(name)
+            assert len(parts) == 2  # one block per KV group
+            fused = src._slice["global"]
+            assert all(p.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for p in parts)
+            assert torch.equal(torch.cat(parts), src.get(name))
+    finally:
+        src.close()

@@ -86,17 +86,17 @@ def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, p
 def save_rank_streamed(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, args: argparse.Namespace,
                        tensors: Iterable[tuple[int, str, Any]], on_tensor: Callable[..., Any] = lambda: None,
                        **writer_options) -> str:
-    """Write one rank file from (virtual chunk, name, tensor or None) items as they come: each tensor is written
-    (and released) while the next is built, and the pickle, `rank_payload`'s dict with the tensors' stand-ins, goes
-    last. `on_tensor` is called after each tensor is handed over (progress); `writer_options` go to RankFileWriter."""
+    """Write one rank file from (virtual chunk, name, tensor or None) items as they come: each tensor (or list of
+    row blocks standing for their concatenation) is written and released while the next is built, and the pickle,
+    `rank_payload`'s dict with the tensors' stand-ins, goes last. `on_tensor` is called after each tensor is handed
+    over (progress); `writer_options` go to RankFileWriter."""
     from megatron_bridge.megatron_args import parallel_sizes
-    from megatron_bridge.rank_file_writer import RankFileWriter, gc_paused
+    from megatron_bridge.rank_file_writer import RankFileWriter, streaming_quietly
 
     _, pp, vpp = parallel_sizes(args)
     path = rank_file_path(root, iteration, tp_rank, pp_rank, pp)
     models: list[dict] = [{} for _ in range(vpp)]
-    # The collector would walk the growing heap again and again while nothing cyclic is made.
-    with RankFileWriter(path, **writer_options) as writer, gc_paused():
+    with RankFileWriter(path, **writer_options) as writer, streaming_quietly():
         for v, name, tensor in tensors:
             if tensor is None:
                 models[v][name] = None

@@ -60,6 +60,12 @@ class Kind(abc.ABC):
         """Rank `rank`'s piece alone (equal to `split(...)[rank]`); kinds override it to skip building the rest."""
         return self.split(tensors, tp, shape)[rank]
 
+    def shard_parts(self, tensors: Sequence[torch.Tensor], tp: int, rank: int, shape: Shape) -> list[torch.Tensor]:
+        """`shard` without building it: row blocks (views of the inputs where the kind allows) whose concatenation
+        along dim 0 is rank `rank`'s piece, for a writer that streams them as they are (the mirror of
+        `merge_parts`); kinds that interleave within rows (Row) build the piece, one block."""
+        return [self.shard(tensors, tp, rank, shape)]
+
     def merge_parts(self, shards: Sequence[torch.Tensor], shape: Shape) -> list[list[torch.Tensor]]:
         """`merge` without building anything: per canonical tensor, contiguous row blocks of the shards whose
         concatenation along dim 0 is that tensor. A writer streams the blocks as they are (no copy of the merged
@@ -170,6 +176,10 @@ class QKV(Kind):
         return _chunks(pack_qkv(*tensors, shape), tp, 0, "linear_qkv")
 
     def shard(self, tensors, tp, rank, shape):
+        pieces = self.shard_parts(tensors, tp, rank, shape)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+    def shard_parts(self, tensors, tp, rank, shape):
         q, k, v = tensors
         ng, hd = shape.num_groups, shape.head_dim
         per = shape.num_heads // ng
@@ -188,7 +198,7 @@ class QKV(Kind):
                 if a < b:
                     pieces.append(src[first + a - pos:first + b - pos])
                 pos += n
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return pieces
 
     def merge(self, shards, shape):
         return unpack_qkv(torch.cat(list(shards), dim=0), shape)
@@ -228,8 +238,11 @@ class GatedMLP(Kind):
                 zip(_chunks(gate, tp, 0, "gate_proj"), _chunks(up, tp, 0, "up_proj"))]
 
     def shard(self, tensors, tp, rank, shape):
+        return torch.cat(self.shard_parts(tensors, tp, rank, shape), dim=0)
+
+    def shard_parts(self, tensors, tp, rank, shape):
         gate, up = tensors
-        return torch.cat([_chunks(gate, tp, 0, "gate_proj")[rank], _chunks(up, tp, 0, "up_proj")[rank]], dim=0)
+        return [_chunks(gate, tp, 0, "gate_proj")[rank], _chunks(up, tp, 0, "up_proj")[rank]]
 
     def merge(self, shards, shape):
         halves = [torch.chunk(s, 2, dim=0) for s in shards]

@@ -30,6 +30,7 @@ then reads each record's offset from its header).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import gc
 import io
@@ -42,7 +43,7 @@ import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -101,6 +102,13 @@ def _untyped(dtype: torch.dtype) -> bool:
 def _memory(t: torch.Tensor, nbytes: int) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy (the caller keeps `t` alive while they are used)."""
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
+def _crc32(views: list[memoryview]) -> int:
+    crc = 0
+    for view in views:
+        crc = zlib.crc32(view, crc)
+    return crc
 
 
 class _Pickler(pickle.Pickler):
@@ -197,13 +205,41 @@ class RankFileWriter:
 
     # ---------------------------------------------------------------------------------------------- public
 
-    def add(self, tensor: torch.Tensor) -> TensorRef:
-        """Hand `tensor` over as the next record; returns the stand-in to put where the tensor goes in `finish`'s
-        object. The writer keeps the tensor (not a copy, unless it is not contiguous) until its bytes are written."""
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{self.path}: add() takes a tensor, got {type(tensor).__name__}")
+    def add(self, tensor: Union[torch.Tensor, Sequence[torch.Tensor]]) -> TensorRef:
+        """Hand a tensor over as the next record; returns the stand-in to put where the tensor goes in `finish`'s
+        object. The writer keeps the tensor (not a copy, unless it is not contiguous) until its bytes are written.
+
+        A list of row blocks (one dtype, the same trailing shape) stands for their concatenation along dim 0: they
+        are written one after another as one record, never concatenated in memory (a fused QKV or gate+up shard
+        made of slices of the source tensors)."""
+        single = isinstance(tensor, torch.Tensor)
+        blocks = [self._prepared(b) for b in ([tensor] if single else list(tensor))]
         self._raise_if_failed()
-        parameter = isinstance(tensor, torch.nn.Parameter)
+        if single:
+            first = blocks[0]
+            ref = TensorRef(str(self._keys), first.dtype, tuple(first.shape), tuple(first.stride()),
+                            tensor.requires_grad, isinstance(tensor, torch.nn.Parameter))
+        else:
+            ref = self._concatenation(blocks)
+        self._keys += 1
+        nbytes = sum(b.numel() * b.element_size() for b in blocks)
+        name = f"{self._archive}/data/{ref.key}".encode()
+        if self._queue is None:
+            self._write_record(name, blocks, nbytes)
+            return ref
+        with self._cond:
+            while self._in_flight and self._in_flight + nbytes > self._max_in_flight and self._error is None:
+                self._cond.wait()
+            self._in_flight += nbytes
+            self._items += 1
+        self._raise_if_failed()
+        self._queue.put((name, blocks, nbytes))
+        return ref
+
+    def _prepared(self, tensor: Any) -> torch.Tensor:
+        """A dense contiguous CPU tensor with the same values (the tensor itself when it already is one)."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{self.path}: add() takes a tensor or a list of tensors, got {type(tensor).__name__}")
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
             raise ValueError(f"{self.path}: cannot write a {type(tensor).__name__} with layout {tensor.layout}; "
                              f"only dense tensors and Parameters (convert it with .to_dense() or plain torch.save)")
@@ -213,21 +249,24 @@ class RankFileWriter:
         t = t.resolve_conj().resolve_neg()
         if not t.is_contiguous():
             t = t.contiguous()  # a column slice (row-parallel split): the one copy it needs
-        ref = TensorRef(str(self._keys), t.dtype, tuple(t.shape), tuple(t.stride()), tensor.requires_grad, parameter)
-        self._keys += 1
-        nbytes = t.numel() * t.element_size()
-        name = f"{self._archive}/data/{ref.key}".encode()
-        if self._queue is None:
-            self._write_record(name, t, nbytes)
-            return ref
-        with self._cond:
-            while self._in_flight and self._in_flight + nbytes > self._max_in_flight and self._error is None:
-                self._cond.wait()
-            self._in_flight += nbytes
-            self._items += 1
-        self._raise_if_failed()
-        self._queue.put((name, t, nbytes))
-        return ref
+        return t
+
+    def _concatenation(self, blocks: list[torch.Tensor]) -> TensorRef:
+        """The stand-in of `torch.cat(blocks)`, checked as torch.cat would check it."""
+        if not blocks:
+            raise ValueError(f"{self.path}: add() got an empty list of row blocks")
+        first = blocks[0]
+        bad = [tuple(b.shape) for b in blocks if b.dim() == 0 or b.dtype != first.dtype or b.shape[1:] != first.shape[1:]]
+        if bad:
+            raise ValueError(f"{self.path}: row blocks {[tuple(b.shape) for b in blocks]} "
+                             f"({sorted({str(b.dtype) for b in blocks})}) do not concatenate along dim 0: they need "
+                             f"one dtype and the same trailing shape")
+        shape = (sum(b.shape[0] for b in blocks),) + tuple(first.shape[1:])
+        stride, step = [], 1
+        for size in reversed(shape):
+            stride.append(step)
+            step *= max(size, 1)
+        return TensorRef(str(self._keys), first.dtype, shape, tuple(reversed(stride)), False)
 
     def finish(self, obj: Any) -> str:
         """Pickle `obj` (stand-ins from `add`, tensors, plain values) and close the file; returns its path."""
@@ -293,21 +332,22 @@ class RankFileWriter:
             item = self._queue.get()
             if item is None:
                 return
-            name, t, nbytes = item
+            name, blocks, nbytes = item
             try:
                 if self._error is None:
-                    self._write_record(name, t, nbytes)
+                    self._write_record(name, blocks, nbytes)
             except BaseException as e:  # reported to the caller at its next add/finish
                 self._error = e
             finally:
-                del t, item
+                del blocks, item  # the tensors go now, not when the next item arrives
                 with self._cond:
                     self._in_flight -= nbytes
                     self._items -= 1
                     self._cond.notify_all()
 
     def _write_record(self, name: bytes, data, nbytes: int) -> None:
-        """One record: local header (with padding), the bytes, data descriptor; its central entry kept for later."""
+        """One record: local header (with padding), the bytes (a list of tensors, written one after another, or a
+        bytes object), data descriptor; its central directory entry is kept for the end."""
         offset = self._offset
         extra, zip64 = _padding(offset, len(name), nbytes, self._zip64_limit)
         flags = _FLAGS_DESCRIPTOR if nbytes else _FLAGS_EMPTY
@@ -316,22 +356,27 @@ class RankFileWriter:
                          + name + extra)
         crc = 0
         if nbytes:
-            view = _memory(data, nbytes) if isinstance(data, torch.Tensor) else memoryview(data)
-            crc = self._write_data(view)
+            if isinstance(data, (bytes, bytearray)):
+                views = [memoryview(data)]
+            else:
+                views = [_memory(t, t.numel() * t.element_size()) for t in data if t.numel()]
+            crc = self._write_data(views, nbytes)
             if zip64:
                 self._emit_small(struct.pack("<IIQQ", 0x08074B50, crc, nbytes, nbytes))
             else:
                 self._emit_small(struct.pack("<IIII", 0x08074B50, crc, nbytes, nbytes))
         self._entries.append((name, offset, nbytes, crc, zip64, flags))
 
-    def _write_data(self, view: memoryview) -> int:
-        """Write `view` and return its CRC-32, computed in the CRC thread while the bytes are written."""
-        if self._crc_pool is None or len(view) < _CRC_IN_THREAD_BYTES:
-            crc = zlib.crc32(view)
-            self._write_big(view)
+    def _write_data(self, views: list[memoryview], nbytes: int) -> int:
+        """Write `views` back to back and return their CRC-32, computed in the CRC thread while they are written."""
+        if self._crc_pool is None or nbytes < _CRC_IN_THREAD_BYTES:
+            crc = _crc32(views)
+            for view in views:
+                self._write_big(view)
             return crc
-        future = self._crc_pool.submit(zlib.crc32, view)
-        self._write_big(view)
+        future = self._crc_pool.submit(_crc32, views)
+        for view in views:
+            self._write_big(view)
         return future.result()
 
     def _emit_small(self, data: bytes) -> None:
@@ -386,14 +431,19 @@ def write_torch_file(path: str, obj: Any, **options) -> str:
         return w.finish(obj)
 
 
-class gc_paused:
-    """Pause Python's cyclic garbage collector: streaming many tensors allocates many small objects and the
-    collector's passes over a large heap are pure overhead here (nothing cyclic is created)."""
-
-    def __enter__(self):
-        self._was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        if self._was:
+@contextlib.contextmanager
+def streaming_quietly():
+    """While a rank file is streamed: no cyclic garbage collection (it walks the growing heap again and again while
+    nothing cyclic is made) and one torch intra-op thread. The copies a rank needs (a concatenation, a column slice)
+    are bound by memory bandwidth, not by cores, and OpenMP's worker threads spin-wait after every parallel region:
+    seen with 2 cores, converting a 1B model spent 2.5-3 s of user CPU with one thread against 5.5-7.7 s with two,
+    CPU the writer and CRC threads need."""
+    was_enabled, threads = gc.isenabled(), torch.get_num_threads()
+    gc.disable()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if was_enabled:
             gc.enable()

@@ -25,9 +25,11 @@ from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_
 from megatron_bridge.param_kinds import Kind, Shape, check_tp
 
 
-def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> torch.Tensor:
-    # No clone: the rank file writer writes a view's own bytes (not its whole storage), straight from the source.
-    return kind.shard(tensors, tp, tp_rank, shape)
+def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> list[torch.Tensor]:
+    """Rank `tp_rank`'s piece as row blocks whose concatenation it is (`Kind.shard_parts`): slices of the source
+    where the kind allows (a fused QKV or gate+up shard is never concatenated in memory); the rank file writer writes
+    each block's own bytes, so no slice is cloned either."""
+    return kind.shard_parts(tensors, tp, tp_rank, shape)
 
 
 def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
@@ -42,9 +44,10 @@ def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
 
 
 def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
-                 pp_rank: int) -> Iterator[tuple[int, str, Optional[torch.Tensor]]]:
-    """(virtual chunk, name, tensor) of model rank (tp_rank, pp_rank) in state-dict order, each built only when
-    asked for; the tensor is None for Transformer Engine's `_extra_state` entries."""
+                 pp_rank: int) -> Iterator[tuple[int, str, Optional[list[torch.Tensor]]]]:
+    """(virtual chunk, name, row blocks) of model rank (tp_rank, pp_rank) in state-dict order, each built only when
+    asked for: the tensor is the blocks' concatenation along dim 0 (`RankFileWriter.add` takes them as they are);
+    None for Transformer Engine's `_extra_state` entries."""
     cfg = source.config
     arch: Arch = arch_from_args(args)
     shape = shape_from_args(args, cfg.vocab_size)
@@ -71,8 +74,8 @@ def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_r
     """The state dicts (one per virtual chunk) of model rank (tp_rank, pp_rank), whole in memory (for callers that
     need them as dicts; writing streams `rank_tensors` instead)."""
     models: list[dict] = [{} for _ in range(parallel_sizes(args)[2])]
-    for v, name, tensor in rank_tensors(source, args, style, tp_rank, pp_rank):
-        models[v][name] = tensor
+    for v, name, blocks in rank_tensors(source, args, style, tp_rank, pp_rank):
+        models[v][name] = None if blocks is None else blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
     return models
 
 

@@ -18,6 +18,7 @@ from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.pickle_peek import TensorRecord, peek_torch_file
 from checkpoint_tools.zip_integrity import check_zip_crc
 from megatron_bridge import legacy_format
+from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, ROW, Shape
 from megatron_bridge.rank_file_writer import ALIGNMENT, RankFileWriter, write_torch_file
 from megatron_bridge.safe_load import safe_torch_load
 
@@ -162,7 +163,40 @@ def test_a_streamed_rank_holds_a_few_tensors_not_the_rank(tmp_path):
 
 def test_what_the_writer_cannot_store_is_refused_by_name(tmp_path):
     with RankFileWriter(str(tmp_path / "x.pt")) as w:
-        with pytest.raises(TypeError, match="x.pt: add\\(\\) takes a tensor, got list"):
+        with pytest.raises(TypeError, match="x.pt: add\\(\\) takes a tensor or a list of tensors, got int"):
             w.add([1, 2])
         with pytest.raises(ValueError, match="x.pt: cannot write a Tensor with layout torch.sparse_coo"):
             w.add(torch.eye(3).to_sparse())
+
+
+@pytest.mark.parametrize("kind,heads,groups,tp", [(GATED_MLP, 8, 2, 1), (GATED_MLP, 8, 2, 4), (QKV_KIND, 8, 2, 1),
+                                                  (QKV_KIND, 8, 2, 2), (QKV_KIND, 8, 2, 4), (QKV_KIND, 6, 1, 2),
+                                                  (QKV_KIND, 8, 8, 4), (COLUMN, 8, 2, 2), (ROW, 8, 2, 2)])
+def test_shard_parts_are_source_views_that_write_as_the_split_piece(tmp_path, kind, heads, groups, tp):
+    """A converter hands the writer each rank's piece as row blocks (Kind.shard_parts): their concatenation is
+    `split(...)[rank]`, fused QKV and gate+up blocks are views of the inputs (nothing concatenated in memory), and
+    the record written from the blocks loads as that piece."""
+    hd, hidden = 4, 16
+    shape = Shape(num_heads=heads, num_groups=groups, head_dim=hd)
+    g = torch.Generator().manual_seed(1)
+    sizes = {QKV_KIND: [heads * hd, groups * hd, groups * hd], GATED_MLP: [32, 32]}.get(kind, [32])
+    inputs = [torch.randn(n, hidden, generator=g).to(torch.bfloat16) for n in sizes]
+    pointers = {t.untyped_storage().data_ptr() for t in inputs}
+    with RankFileWriter(str(tmp_path / "x.pt")) as w:
+        refs = {}
+        for rank in range(tp):
+            parts = kind.shard_parts(inputs, tp, rank, shape)
+            if kind is not ROW:
+                assert all(p.untyped_storage().data_ptr() in pointers for p in parts)
+            refs[rank] = w.add(parts)
+        w.finish(refs)
+    loaded = _torch_load(str(tmp_path / "x.pt"), mmap=True)
+    for rank, want in enumerate(kind.split(inputs, tp, shape)):
+        _assert_same(loaded[rank], want, f"rank {rank}")
+        assert torch.equal(kind.shard(inputs, tp, rank, shape), want)
+
+
+def test_row_blocks_that_do_not_concatenate_are_refused(tmp_path):
+    with RankFileWriter(str(tmp_path / "x.pt")) as w:
+        with pytest.raises(ValueError, match=r"x.pt: row blocks \[\(2, 3\), \(2, 4\)\] .* do not concatenate"):
+            w.add([torch.zeros(2, 3), torch.zeros(2, 4)])

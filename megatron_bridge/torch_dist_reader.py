@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import mmap
 import os
 from collections import Counter
 from typing import Optional
@@ -22,7 +23,7 @@ from checkpoint_tools.canonical import CanonicalConfig, TensorSource, expected_s
 from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.pickle_peek import TorchName, is_stand_in
 from checkpoint_tools.pickle_trust import PolicyLike, load_torch_stream, trust_policy
-from megatron_bridge import torch_dist_format
+from megatron_bridge import torch_dist_format, torch_save_blob
 from megatron_bridge.layout import canonical_layer_names
 from megatron_bridge.megatron_args import arch_from_args, shape_from_args, source_config
 from megatron_bridge.param_kinds import unpack_qkv
@@ -190,6 +191,7 @@ class TorchDistSource(TensorSource):
         self._slice: dict = {}  # key: (stored key, layer), global: its tensor, tensors/parts: cut from it
         self._blob: tuple = (None, None)   # ((stored key, offsets), a chunk spanning more than one slice)
         self._files: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         wanted = set(expected_tensor_names(self.config))
         missing = sorted(wanted - set(self._index))
         if missing:
@@ -297,7 +299,7 @@ class TorchDistSource(TensorSource):
     def close(self) -> None:
         for fd in self._files.values():
             os.close(fd)
-        self._files = {}
+        self._files, self._maps = {}, {}  # a map closes once no tensor views it
 
     def _read(self, stored: str, layer: Optional[int]) -> torch.Tensor:
         """The global tensor of `stored` for one layer (or the whole non-layer tensor), from the chunks covering it."""
@@ -330,14 +332,35 @@ class TorchDistSource(TensorSource):
             fd = self._files[info.relative_path] = os.open(path, os.O_RDONLY)
         if os.fstat(fd).st_size < info.offset + info.length:
             raise CheckpointError(f"{where}: truncated (the chunk ends at byte {info.offset + info.length})")
-        t = load_torch_stream(io.BufferedReader(FileSlice(fd, info.offset, info.length), 1 << 20), where,
-                              self.policy)
+        t = self._mapped(info.relative_path, fd, info, chunk[1], self._dtypes[stored])
+        if t is None:
+            t = load_torch_stream(io.BufferedReader(FileSlice(fd, info.offset, info.length), 1 << 20), where,
+                                  self.policy)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != chunk[1] or t.dtype != self._dtypes[stored]:
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"{where}: holds {got}, the index says {chunk[1]} {self._dtypes[stored]}")
         if keep:
             self._blob = ((stored, chunk[0]), t)
         return t
+
+    def _mapped(self, rel: str, fd: int, info, sizes: tuple, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The chunk as a view of the memory-mapped file when its archive is exactly torch.save's of a plain tensor
+        (what this project's writer and megatron-core write): no copy into memory of our own, and the writer of the
+        output copies from the page cache once. A private map: a caller that writes to the tensor copies a page,
+        never the file. Data not aligned to its element size (DCP packs archives back to back) is copied once into
+        a tensor of its own. None when the archive differs: torch.load reads it."""
+        mm = self._maps.get(rel)
+        if mm is None:
+            mm = self._maps[rel] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        at = torch_save_blob.data_offset(memoryview(mm)[info.offset:info.offset + info.length], dtype, sizes)
+        if at is None:
+            return None
+        start, item = info.offset + at, torch.empty((), dtype=dtype).element_size()
+        numel = torch.Size(sizes).numel()
+        if start % item:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=numel * item, offset=start)
+            return raw.clone().view(dtype).view(sizes)
+        return torch.frombuffer(mm, dtype=dtype, count=numel, offset=start).view(sizes)
 
     def report_skipped(self) -> None:
         """Say what the checkpoint holds besides model weights (conversion keeps weights only)."""

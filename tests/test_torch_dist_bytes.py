@@ -212,3 +212,47 @@ def test_qkv_parts_are_views_of_the_fused_tensor(tiny_hf):
             assert torch.equal(torch.cat(parts), src.get(name))
     finally:
         src.close()
+
+
+def test_chunks_are_read_from_the_map_as_torch_load_reads_them(tiny_hf, monkeypatch):
+    """The reader maps chunks whose archive is torch.save's (aligned data: a view of the file; unaligned: one copy)
+    and must hand out exactly what torch.load of each archive gives."""
+    import ctypes
+
+    from megatron_bridge.torch_dist_reader import TorchDistSource
+
+    hf, root = tiny_hf
+    out = str(root / "mapped")
+    convert(hf, out, ConvertOptions(format="torch_dist", tp=2, progress=False))
+    md = pickle.loads((root / "mapped" / "release" / ".metadata").read_bytes())
+    blob = (root / "mapped" / "release" / "__0_0.distcp").read_bytes()
+    aligned = set()
+    for i, info in md.storage_data.items():
+        m = md.state_dict_metadata[i.fqn]
+        if hasattr(m, "size"):
+            chunk = blob[info.offset:info.offset + info.length]
+            sizes = next(c.sizes for c in m.chunks if tuple(c.offsets) == tuple(i.offset))
+            at = torch_save_blob.data_offset(memoryview(chunk), m.properties.dtype, tuple(sizes))
+            assert at is not None, i.fqn  # every archive the writer wrote is recognised
+            aligned.add((info.offset + at) % m.properties.dtype.itemsize == 0)
+    assert aligned == {True, False}  # both ways of reading a mapped chunk are exercised
+    mapped = TorchDistSource(out)
+    try:
+        got = {name: mapped.get(name).clone() for name in mapped.names()}
+        mm = mapped._maps["__0_0.distcp"]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        emb = mapped.get("model.embed_tokens.weight")
+        assert base <= emb.data_ptr() < base + len(mm)  # a view of the file (this chunk's data is aligned)
+    finally:
+        mapped.close()
+    monkeypatch.setattr(torch_save_blob, "data_offset", lambda blob, dtype, shape: None)
+    loaded = TorchDistSource(out)
+    try:
+        for name in loaded.names():
+            b = loaded.get(name)
+            assert got[name].dtype == b.dtype and torch.equal(got[name], b), name
+        mm = loaded._maps["__0_0.distcp"]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        assert not base <= loaded.get("model.embed_tokens.weight").data_ptr() < base + len(mm)  # torch.load's
+    finally:
+        loaded.close()

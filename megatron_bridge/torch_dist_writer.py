@@ -7,6 +7,12 @@ TP/PP. This writer emits one chunk per layer per key (the layer's TP=1 tensor; s
 the DCP index `.metadata` (a pickled `Metadata` of plain DCP classes), `common.pt` (args, checkpoint_version,
 iteration, content_metadata, as megatron-core's `dist_checkpointing.save` writes it) and `metadata.json`. Peak
 memory is one layer's tensor of one key, not a rank's shard, and no megatron-core process is started.
+
+At the I/O floor: a chunk's bytes go from the source's memory (a memory-mapped file, mostly) to the file without a
+copy of our own: the fused tensors (QKV, gate+up) are written as their row pieces, the archive around them by
+torch_save_blob (torch.save's bytes, CRC-32 by zlib), a writer thread writing while this one CRCs the next slice;
+the index is pickled from stand-ins (dcp_index), so torch.distributed.checkpoint is never imported. The bytes are
+those the torch.save path wrote (tests/test_torch_dist_bytes.py compares them).
 """
 from __future__ import annotations
 

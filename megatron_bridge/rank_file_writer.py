@@ -88,14 +88,15 @@ class _StorageRef:
         self.key, self.dtype, self.nbytes = key, dtype, nbytes
 
     def persistent_id(self) -> tuple:
-        typed = torch.storage._dtype_to_storage_type_map().get(self.dtype)
-        if typed is None or self.dtype in torch.storage._new_dtypes():
-            # float8, uint16, ...: torch.save stores these as untyped bytes and names the dtype in the rebuild call.
+        if _untyped(self.dtype):
             return ("storage", torch.storage.UntypedStorage, self.key, "cpu", self.nbytes)
-        return ("storage", getattr(torch, typed), self.key, "cpu", self.nbytes // self.dtype.itemsize)
+        typed = getattr(torch, torch.storage._dtype_to_storage_type_map()[self.dtype])
+        return ("storage", typed, self.key, "cpu", self.nbytes // self.dtype.itemsize)
 
 
 def _untyped(dtype: torch.dtype) -> bool:
+    """float8, uint16, ...: torch.save stores these as untyped bytes and names the dtype in the rebuild call
+    (`_rebuild_tensor_v3`); the others as a typed storage (`torch.BFloat16Storage`, ...) and `_rebuild_tensor_v2`."""
     return dtype in torch.storage._new_dtypes() or dtype not in torch.storage._dtype_to_storage_type_map()
 
 

@@ -22,14 +22,42 @@ from megatron_bridge import legacy_format, sidecar
 from megatron_bridge.layout import (LAYER_PARAMS, NAME_STYLES, TE_EXTRA_STATE, Arch, canonical_layer_names,
                                     global_params, layer_prefix, stage_layers)
 from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_from_args
-from megatron_bridge.param_kinds import Kind, Shape, check_tp
+from megatron_bridge.param_kinds import ROW, Kind, Shape, check_tp
 
 
-def _shard(kind: Kind, tensors: list[torch.Tensor], tp: int, tp_rank: int, shape: Shape) -> list[torch.Tensor]:
-    """Rank `tp_rank`'s piece as row blocks whose concatenation it is (`Kind.shard_parts`): slices of the source
-    where the kind allows (a fused QKV or gate+up shard is never concatenated in memory); the rank file writer writes
-    each block's own bytes, so no slice is cloned either."""
-    return kind.shard_parts(tensors, tp, tp_rank, shape)
+def _rows(blocks: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+    """Rows [lo, hi) of the concatenation of `blocks` along dim 0, as views of the blocks."""
+    out, start = [], 0
+    for b in blocks:
+        a, z = max(lo, start), min(hi, start + b.shape[0])
+        if a < z:
+            out.append(b[a - start:z - start])
+        start += b.shape[0]
+    return out
+
+
+def _shard(kind: Kind, inputs: list[list[torch.Tensor]], tp: int, tp_rank: int, shape: Shape) -> list[torch.Tensor]:
+    """Rank `tp_rank`'s piece as row blocks whose concatenation it is (`Kind.shard_parts`), each input given as row
+    blocks too (`TensorSource.get_parts`: a Megatron source's TP shards). Blocks are views of the source where the
+    kind allows: a fused QKV or gate+up shard is never concatenated in memory, and resharding a Megatron checkpoint
+    never merges a column-parallel tensor first; the rank file writer writes each block's own bytes.
+
+    For inputs in several blocks the kind is asked which rows of which input each output block holds, by splitting
+    tensors of row numbers ([rows, 1]), so the split rules stay the kind's own; a kind that builds new rows
+    (vocabulary padding) gets the inputs concatenated instead."""
+    if all(len(blocks) == 1 for blocks in inputs):
+        return kind.shard_parts([blocks[0] for blocks in inputs], tp, tp_rank, shape)
+    numbers = [torch.arange(sum(b.shape[0] for b in blocks)).unsqueeze(1) for blocks in inputs]
+    owner = {t.untyped_storage().data_ptr(): j for j, t in enumerate(numbers)}
+    out = []
+    for part in kind.shard_parts(numbers, tp, tp_rank, shape):
+        j = owner.get(part.untyped_storage().data_ptr())
+        if j is None or tuple(part.shape[1:]) != (1,) or (part.shape[0] > 1 and part.stride(0) != 1):
+            return kind.shard_parts([blocks[0] if len(blocks) == 1 else torch.cat(blocks) for blocks in inputs],
+                                    tp, tp_rank, shape)
+        first = part.storage_offset()
+        out += _rows(inputs[j], first, first + part.shape[0])
+    return out
 
 
 def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
@@ -41,6 +69,14 @@ def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
         every_bias = dataclasses.replace(source.config, qkv_bias=True, o_bias=True, mlp_bias=True)
         return torch.zeros(expected_shapes(every_bias)[name], dtype=source.dtype_of(source.names()[0]))
     raise ValueError(f"Megatron needs {name}, which this model does not have")
+
+
+def _canonical_blocks(source: TensorSource, name: str, shapes: dict, kind: Kind) -> list[torch.Tensor]:
+    """`_canonical` as the source's row blocks (a Megatron source's TP shards, nothing merged); whole for a
+    row-parallel kind, which splits within rows."""
+    if name in shapes and kind is not ROW:
+        return source.get_parts(name)
+    return [_canonical(source, name, shapes)]
 
 
 def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
@@ -56,14 +92,16 @@ def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_
     layers = stage_layers(cfg.num_layers, pp, vpp)
     for v in range(vpp):
         for param, canon in global_params(arch, pp_rank, v, pp, vpp):
-            yield v, param.name(style), _shard(param.kind, [source.get(canon)], tp, tp_rank, shape)
+            yield v, param.name(style), _shard(param.kind, [_canonical_blocks(source, canon, shapes, param.kind)], tp,
+                                               tp_rank, shape)
         for local, layer in enumerate(layers[(pp_rank, v)]):
             prefix = layer_prefix(local)
             for param in LAYER_PARAMS:
                 if not param.present(arch):
                     continue
-                tensors = [_canonical(source, n, shapes) for n in canonical_layer_names(param.roles, layer)]
-                yield v, prefix + param.name(style), _shard(param.kind, tensors, tp, tp_rank, shape)
+                inputs = [_canonical_blocks(source, n, shapes, param.kind)
+                          for n in canonical_layer_names(param.roles, layer)]
+                yield v, prefix + param.name(style), _shard(param.kind, inputs, tp, tp_rank, shape)
             if style == "te":
                 for extra in TE_EXTRA_STATE:
                     yield v, prefix + extra, None

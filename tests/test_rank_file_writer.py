@@ -17,8 +17,8 @@ import torch.utils.serialization as torch_serialization
 from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.pickle_peek import TensorRecord, peek_torch_file
 from checkpoint_tools.zip_integrity import check_zip_crc
-from megatron_bridge import legacy_format
-from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, ROW, Shape
+from megatron_bridge import legacy_format, to_megatron
+from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Shape
 from megatron_bridge.rank_file_writer import ALIGNMENT, RankFileWriter, write_torch_file
 from megatron_bridge.safe_load import safe_torch_load
 
@@ -200,3 +200,21 @@ def test_row_blocks_that_do_not_concatenate_are_refused(tmp_path):
     with RankFileWriter(str(tmp_path / "x.pt")) as w:
         with pytest.raises(ValueError, match=r"x.pt: row blocks \[\(2, 3\), \(2, 4\)\] .* do not concatenate"):
             w.add([torch.zeros(2, 3), torch.zeros(2, 4)])
+
+
+@pytest.mark.parametrize("kind,sizes,tp", [(QKV_KIND, [32, 8, 8], 1), (QKV_KIND, [32, 8, 8], 4), (GATED_MLP, [32, 32], 2),
+                                           (COLUMN, [32], 4), (VOCAB, [30], 2), (REPLICATED, [32], 2)])
+def test_resharding_takes_rows_from_the_source_blocks_without_merging(kind, sizes, tp):
+    """Resharding a Megatron checkpoint hands each canonical tensor over as its source TP shards' row blocks
+    (to_megatron._shard): the piece built from them equals split() of the merged tensor, and every block of it is
+    a view of a source block, except vocabulary padding (new zero rows: built from the merged tensor)."""
+    shape = Shape(num_heads=8, num_groups=2, head_dim=4, vocab_size=30, padded_vocab_size=32)
+    g = torch.Generator().manual_seed(2)
+    whole = [torch.randn(n, 6, generator=g) for n in sizes]
+    cuts = [[t[:3], t[3:n // 2], t[n // 2:]] for t, n in zip(whole, sizes)]  # uneven blocks, as from TP shards
+    pointers = {t.untyped_storage().data_ptr() for t in whole}
+    for rank in range(tp):
+        blocks = to_megatron._shard(kind, cuts, tp, rank, shape)
+        assert torch.equal(torch.cat(blocks), kind.split(whole, tp, shape)[rank])
+        if kind is not VOCAB:
+            assert all(b.untyped_storage().data_ptr() in pointers for b in blocks)

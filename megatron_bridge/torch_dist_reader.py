@@ -351,6 +351,8 @@ class TorchDistSource(TensorSource):
         a tensor of its own. None when the archive differs: torch.load reads it."""
         mm = self._maps.get(rel)
         if mm is None:
+            if os.fstat(fd).st_size == 0:  # nothing to map: torch.load reports the damage
+                return None
             mm = self._maps[rel] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         at = torch_save_blob.data_offset(memoryview(mm)[info.offset:info.offset + info.length], dtype, sizes)
         if at is None:

@@ -196,6 +196,7 @@ class RankFileWriter:
         self._cond = threading.Condition()
         self._error: Optional[BaseException] = None
         self._closed = False
+        self._cancelled = False  # set when closed before `finish`: queued tensors are skipped
         self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="crc32") if threads else None
         self._queue: Optional[queue.SimpleQueue] = None
         self._thread: Optional[threading.Thread] = None
@@ -293,14 +294,16 @@ class RankFileWriter:
         self._write_record(f"{self._archive}/.data/serialization_id".encode(), serialization_id.encode(), 40)
         self._write_central_directory()
         self._flush_small()
-        self.close()
+        self.close()  # nothing is queued any more: closing only stops the threads
         return self.path
 
     def close(self) -> None:
-        """Stop the threads and close the file (idempotent; `finish` calls it)."""
+        """Stop the threads and close the file (idempotent; `finish` calls it). Closed before `finish` (the caller
+        failed), tensors still queued are dropped, not written: the half-written file is going away anyway."""
         if self._closed:
             return
         self._closed = True
+        self._cancelled = True
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -335,7 +338,7 @@ class RankFileWriter:
                 return
             name, blocks, nbytes = item
             try:
-                if self._error is None:
+                if self._error is None and not self._cancelled:
                     self._write_record(name, blocks, nbytes)
             except BaseException as e:  # reported to the caller at its next add/finish
                 self._error = e

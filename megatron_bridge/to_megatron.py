@@ -2,9 +2,11 @@
 
 For every (pipeline rank, tensor rank), `rank_tensors` builds the rank's tensors one after another from the canonical
 source by the layout table and the split kinds, and `legacy_format.save_rank_streamed` writes each as its own record
-of the rank file while the next is built (`rank_file_writer`). A piece that is a contiguous slice of a memory-mapped
-source is written straight from the map; only pieces that are not contiguous (a row-parallel split) or are
-concatenated (fused QKV, gate+up) are copied once. Peak memory is the pieces in flight, not a rank's shard.
+of the rank file while the next is built (`rank_file_writer`). Each piece travels as row blocks that are slices of the
+source wherever the split kind allows (`Kind.shard_parts`, over the source's own blocks from `get_parts`: a Megatron
+source's TP shards are never merged for a column-parallel, fused QKV or gate+up tensor), written straight from the
+source's memory map; only a row-parallel piece (a column slice, not contiguous) is copied once. Peak memory is the
+pieces in flight, not a rank's shard.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import threading
 import weakref
 import zipfile
 
@@ -74,7 +75,9 @@ def _torch_load(path, **kw):
 
 
 @pytest.mark.parametrize("threads", [True, False])
-@pytest.mark.parametrize("zip64_limit", [None, 0], ids=["plain", "zip64_forced"])
+# zip64 fields as miniz writes them past 4 GiB, forced on small files: on every record (0), or from 3000 bytes on
+# (a large record near the start gets the size fields, later ones the offset field).
+@pytest.mark.parametrize("zip64_limit", [None, 0, 3000], ids=["plain", "zip64_all", "zip64_sizes_or_offsets"])
 def test_every_reader_gets_back_what_was_written(tmp_path, zip64_limit, threads):
     payload = _payload()
     path = str(tmp_path / "model_optim_rng.pt")
@@ -218,3 +221,18 @@ def test_resharding_takes_rows_from_the_source_blocks_without_merging(kind, size
         assert torch.equal(torch.cat(blocks), kind.split(whole, tp, shape)[rank])
         if kind is not VOCAB:
             assert all(b.untyped_storage().data_ptr() in pointers for b in blocks)
+
+
+def test_a_failure_while_streaming_stops_the_writer_without_writing_the_rest(tmp_path):
+    """The caller's error propagates as is, the writer's threads stop, and tensors still queued are not written."""
+    def tensors():
+        for i in range(3):
+            yield 0, f"w{i}", torch.full((1024, 256), float(i))
+        raise ValueError("source broke")
+
+    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    with pytest.raises(ValueError, match="source broke"):
+        legacy_format.save_rank_streamed(str(tmp_path), None, 0, 0, args, tensors())
+    path = tmp_path / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    assert path.stat().st_size <= 3 * 1024 * 1024 + 4096  # at most the records already handed over, no pickle
+    assert not any(t.name.startswith(("rank-file-writer", "crc32")) for t in threading.enumerate())

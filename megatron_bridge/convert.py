@@ -25,6 +25,7 @@ from megatron_bridge.checkpoint_format import detect_format  # noqa: F401 - also
 from megatron_bridge.conversion_plan import DEFAULTS, DESTINATION, SOURCE, ConvertOptions, Plan, plan_conversion
 from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.megatron_args import args_from_canonical, parallel_sizes, resharded_args
+from megatron_bridge.rank_file_writer import streaming_quietly
 from megatron_bridge.to_megatron import write_legacy
 from megatron_bridge.torch_dist_reader import TorchDistSource
 from megatron_bridge.torch_dist_writer import write_torch_dist
@@ -207,6 +208,11 @@ def make_plan(src: str, opts: ConvertOptions, to: Optional[str] = None, source: 
 def run_plan(plan: Plan, src: str, dst: str, opts: ConvertOptions) -> str:
     """Run the steps in order; intermediate folders live in one scratch folder beside `dst`, removed at the end."""
     check_destination(dst, opts.force, sources=(src, opts.tokenizer))
+    with streaming_quietly():  # every direction streams memory-bound copies: one torch thread, no cyclic GC
+        return _run_steps(plan, src, dst, opts)
+
+
+def _run_steps(plan: Plan, src: str, dst: str, opts: ConvertOptions) -> str:
     if len(plan.steps) == 1:
         (step,) = plan.steps
         return STEP_FUNCTIONS[step.action](src, dst, step.options(opts), plan.target_family)

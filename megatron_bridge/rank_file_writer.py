@@ -56,6 +56,7 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _CRC_IN_THREAD_BYTES = 4 << 20  # below this the CRC thread's hand-off costs more than it saves
 _WRITE_CHUNK = 1 << 30  # one write() call at most (Linux writes at most 2 GiB - 4 KiB per call)
+_IOV_MAX = 1024  # buffers per writev() call (Linux's UIO_MAXIOV)
 
 
 class TensorRef:
@@ -105,11 +106,38 @@ def _memory(t: torch.Tensor, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
+def _contiguous_stride(shape: tuple) -> tuple:
+    """The strides torch gives a fresh tensor of `shape` (its convention for empty and size-1 dimensions)."""
+    return torch.empty(shape, device="meta").stride()
+
+
 def _crc32(views: list[memoryview]) -> int:
     crc = 0
     for view in views:
         crc = zlib.crc32(view, crc)
     return crc
+
+
+class Columns(list):
+    """A tensor handed to `RankFileWriter.add` as column blocks: 2-D tensors with the same rows and dtype whose
+    concatenation along dim 1 is the tensor (a row-parallel piece: a column slice of one matrix, or the TP shards of
+    a row-parallel weight merged). Each block's rows must be contiguous (a column slice's are); the record is
+    written row by row straight from the blocks' memory, never built."""
+
+
+def _row_segments(blocks: list[torch.Tensor]) -> list[memoryview]:
+    """The bytes of `torch.cat(blocks, dim=1)` in order, as one memoryview per block row (no copy)."""
+    spans = []
+    for b in blocks:
+        es, (rows, cols), step = b.element_size(), b.shape, b.stride(0)
+        span = ((rows - 1) * step + cols) * es if b.numel() else 0
+        spans.append((_memory(b, span) if span else None, step * es, cols * es))
+    views = []
+    for i in range(blocks[0].shape[0]):
+        for base, step, width in spans:
+            if width:
+                views.append(base[i * step:i * step + width])
+    return views
 
 
 class _Pickler(pickle.Pickler):
@@ -215,9 +243,13 @@ class RankFileWriter:
         are written one after another as one record, never concatenated in memory (a fused QKV or gate+up shard
         made of slices of the source tensors)."""
         single = isinstance(tensor, torch.Tensor)
-        blocks = [self._prepared(b) for b in ([tensor] if single else list(tensor))]
+        columns = isinstance(tensor, Columns)
+        blocks = [self._prepared(b, rows_only=columns) for b in ([tensor] if single else list(tensor))]
         self._raise_if_failed()
-        if single:
+        if columns:
+            ref = self._column_concatenation(blocks)
+            blocks = Columns(blocks)
+        elif single:
             first = blocks[0]
             ref = TensorRef(str(self._keys), first.dtype, tuple(first.shape), tuple(first.stride()),
                             tensor.requires_grad, isinstance(tensor, torch.nn.Parameter))
@@ -238,8 +270,9 @@ class RankFileWriter:
         self._queue.put((name, blocks, nbytes))
         return ref
 
-    def _prepared(self, tensor: Any) -> torch.Tensor:
-        """A dense contiguous CPU tensor with the same values (the tensor itself when it already is one)."""
+    def _prepared(self, tensor: Any, rows_only: bool = False) -> torch.Tensor:
+        """A dense contiguous CPU tensor with the same values (the tensor itself when it already is one); with
+        `rows_only`, a 2-D one whose rows are contiguous (a column slice as it is)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{self.path}: add() takes a tensor or a list of tensors, got {type(tensor).__name__}")
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
@@ -249,9 +282,23 @@ class RankFileWriter:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.resolve_conj().resolve_neg()
-        if not t.is_contiguous():
-            t = t.contiguous()  # a column slice (row-parallel split): the one copy it needs
+        if rows_only:
+            if t.dim() != 2:
+                raise ValueError(f"{self.path}: column blocks must be 2-D, got shape {tuple(t.shape)}")
+            if t.stride(1) != 1 and t.shape[1] > 1:
+                t = t.contiguous()
+        elif not t.is_contiguous():
+            t = t.contiguous()  # a strided view that is not a column block: the one copy it needs
         return t
+
+    def _column_concatenation(self, blocks: list[torch.Tensor]) -> TensorRef:
+        """The stand-in of `torch.cat(blocks, dim=1)`, checked as torch.cat would check it."""
+        if not blocks or any(b.dtype != blocks[0].dtype or b.shape[0] != blocks[0].shape[0] for b in blocks):
+            raise ValueError(f"{self.path}: column blocks {[tuple(b.shape) for b in blocks]} "
+                             f"({sorted({str(b.dtype) for b in blocks})}) do not concatenate along dim 1: they "
+                             f"need one dtype and the same number of rows")
+        shape = (blocks[0].shape[0], sum(b.shape[1] for b in blocks))
+        return TensorRef(str(self._keys), blocks[0].dtype, shape, _contiguous_stride(shape), False)
 
     def _concatenation(self, blocks: list[torch.Tensor]) -> TensorRef:
         """The stand-in of `torch.cat(blocks)`, checked as torch.cat would check it."""
@@ -264,11 +311,7 @@ class RankFileWriter:
                              f"({sorted({str(b.dtype) for b in blocks})}) do not concatenate along dim 0: they need "
                              f"one dtype and the same trailing shape")
         shape = (sum(b.shape[0] for b in blocks),) + tuple(first.shape[1:])
-        stride, step = [], 1
-        for size in reversed(shape):
-            stride.append(step)
-            step *= max(size, 1)
-        return TensorRef(str(self._keys), first.dtype, shape, tuple(reversed(stride)), False)
+        return TensorRef(str(self._keys), first.dtype, shape, _contiguous_stride(shape), False)
 
     def finish(self, obj: Any) -> str:
         """Pickle `obj` (stand-ins from `add`, tensors, plain values) and close the file; returns its path."""
@@ -362,6 +405,8 @@ class RankFileWriter:
         if nbytes:
             if isinstance(data, (bytes, bytearray)):
                 views = [memoryview(data)]
+            elif isinstance(data, Columns):
+                views = _row_segments(data)
             else:
                 views = [_memory(t, t.numel() * t.element_size()) for t in data if t.numel()]
             crc = self._write_data(views, nbytes)
@@ -375,12 +420,10 @@ class RankFileWriter:
         """Write `views` back to back and return their CRC-32, computed in the CRC thread while they are written."""
         if self._crc_pool is None or nbytes < _CRC_IN_THREAD_BYTES:
             crc = _crc32(views)
-            for view in views:
-                self._write_big(view)
+            self._write_views(views, nbytes)
             return crc
         future = self._crc_pool.submit(_crc32, views)
-        for view in views:
-            self._write_big(view)
+        self._write_views(views, nbytes)
         return future.result()
 
     def _emit_small(self, data: bytes) -> None:
@@ -392,14 +435,26 @@ class RankFileWriter:
             self._write_all(memoryview(self._small))
             self._small = bytearray()
 
-    def _write_big(self, view: memoryview) -> None:
-        if len(self._small) + len(view) <= (1 << 20):  # small tensors ride along with the headers
-            self._small += view
-            self._offset += len(view)
+    def _write_views(self, views: list[memoryview], nbytes: int) -> None:
+        if len(self._small) + nbytes <= (1 << 20):  # small tensors ride along with the headers
+            for view in views:
+                self._small += view
+            self._offset += nbytes
             return
         self._flush_small()
-        self._write_all(view)
-        self._offset += len(view)
+        if len(views) == 1:
+            self._write_all(views[0])
+        else:  # many segments (rows of column blocks): one writev per IOV_MAX of them, no gathering copy
+            for i in range(0, len(views), _IOV_MAX):
+                batch = views[i:i + _IOV_MAX]
+                done = os.writev(self._fd, batch)
+                for view in batch:  # a short write (rare on a regular file): the rest one by one
+                    if done >= len(view):
+                        done -= len(view)
+                        continue
+                    self._write_all(view[done:])
+                    done = 0
+        self._offset += nbytes
 
     def _write_all(self, view: memoryview) -> None:
         done, n = 0, len(view)

@@ -2,11 +2,12 @@
 
 For every (pipeline rank, tensor rank), `rank_tensors` builds the rank's tensors one after another from the canonical
 source by the layout table and the split kinds, and `legacy_format.save_rank_streamed` writes each as its own record
-of the rank file while the next is built (`rank_file_writer`). Each piece travels as row blocks that are slices of the
-source wherever the split kind allows (`Kind.shard_parts`, over the source's own blocks from `get_parts`: a Megatron
-source's TP shards are never merged for a column-parallel, fused QKV or gate+up tensor), written straight from the
-source's memory map; only a row-parallel piece (a column slice, not contiguous) is copied once. Peak memory is the
-pieces in flight, not a rank's shard.
+of the rank file while the next is built (`rank_file_writer`). Each piece travels as blocks that are slices of the
+source, written straight from its memory map: row blocks (`Kind.shard_parts`, over the source's own blocks from
+`get_parts`), or column blocks for a row-parallel piece (`Columns`, over `get_column_parts`), written row by row. So
+nothing is concatenated (fused QKV, gate+up) or cloned (a slice), and resharding a Megatron checkpoint never merges
+a weight's TP shards first; only vocabulary padding and the source's own dtype conversion build new tensors. Peak
+memory is the pieces in flight, not a rank's shard.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from megatron_bridge.layout import (LAYER_PARAMS, NAME_STYLES, TE_EXTRA_STATE, A
                                     global_params, layer_prefix, stage_layers)
 from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_from_args
 from megatron_bridge.param_kinds import ROW, Kind, Shape, check_tp
+from megatron_bridge.rank_file_writer import Columns
 
 
 def _rows(blocks: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
@@ -62,6 +64,32 @@ def _shard(kind: Kind, inputs: list[list[torch.Tensor]], tp: int, tp_rank: int, 
     return out
 
 
+def _row_parallel_piece(source: TensorSource, name: str, shapes: dict, kind: Kind, tp: int, tp_rank: int,
+                        shape: Shape) -> Optional[Columns]:
+    """A row-parallel rank's piece as column blocks (`rank_file_writer.Columns`), written row by row from the
+    source: a column slice of the canonical tensor, or of the source's TP shards side by side (`get_column_parts`),
+    so resharding never merges a row-parallel weight first. Which columns: the kind's own split of a [1, columns]
+    tensor of column numbers. None when the kind's piece is not a column range (the caller then splits `get`)."""
+    if name not in shapes:
+        return None
+    blocks = source.get_column_parts(name) or [source.get(name)]
+    if any(b.dim() != 2 for b in blocks):
+        return None
+    numbers = torch.arange(sum(b.shape[1] for b in blocks)).unsqueeze(0)
+    parts = kind.shard_parts([numbers], tp, tp_rank, shape)
+    if len(parts) != 1 or parts[0].untyped_storage().data_ptr() != numbers.untyped_storage().data_ptr() or \
+            parts[0].shape[0] != 1 or (parts[0].shape[1] > 1 and parts[0].stride(1) != 1):
+        return None
+    lo = parts[0].storage_offset()
+    hi, out, start = lo + parts[0].shape[1], Columns(), 0
+    for b in blocks:
+        a, z = max(lo, start), min(hi, start + b.shape[1])
+        if a < z:
+            out.append(b[:, a - start:z - start])
+        start += b.shape[1]
+    return out
+
+
 def _canonical(source: TensorSource, name: str, shapes: dict) -> torch.Tensor:
     """The canonical tensor, or zeros for a bias Megatron's args imply but the model does not have."""
     if name in shapes:
@@ -83,9 +111,9 @@ def _canonical_blocks(source: TensorSource, name: str, shapes: dict, kind: Kind)
 
 def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_rank: int,
                  pp_rank: int) -> Iterator[tuple[int, str, Optional[list[torch.Tensor]]]]:
-    """(virtual chunk, name, row blocks) of model rank (tp_rank, pp_rank) in state-dict order, each built only when
-    asked for: the tensor is the blocks' concatenation along dim 0 (`RankFileWriter.add` takes them as they are);
-    None for Transformer Engine's `_extra_state` entries."""
+    """(virtual chunk, name, blocks) of model rank (tp_rank, pp_rank) in state-dict order, each built only when
+    asked for: the tensor is the blocks' concatenation along dim 0, or along dim 1 for `Columns` (a row-parallel
+    piece); `RankFileWriter.add` takes them as they are. None for Transformer Engine's `_extra_state` entries."""
     cfg = source.config
     arch: Arch = arch_from_args(args)
     shape = shape_from_args(args, cfg.vocab_size)
@@ -101,9 +129,14 @@ def rank_tensors(source: TensorSource, args: argparse.Namespace, style: str, tp_
             for param in LAYER_PARAMS:
                 if not param.present(arch):
                     continue
-                inputs = [_canonical_blocks(source, n, shapes, param.kind)
-                          for n in canonical_layer_names(param.roles, layer)]
-                yield v, prefix + param.name(style), _shard(param.kind, inputs, tp, tp_rank, shape)
+                names = canonical_layer_names(param.roles, layer)
+                piece = None
+                if param.kind is ROW and len(names) == 1:
+                    piece = _row_parallel_piece(source, names[0], shapes, param.kind, tp, tp_rank, shape)
+                if piece is None:
+                    piece = _shard(param.kind, [_canonical_blocks(source, n, shapes, param.kind) for n in names], tp,
+                                   tp_rank, shape)
+                yield v, prefix + param.name(style), piece
             if style == "te":
                 for extra in TE_EXTRA_STATE:
                     yield v, prefix + extra, None
@@ -115,7 +148,8 @@ def rank_models(source: TensorSource, args: argparse.Namespace, style: str, tp_r
     need them as dicts; writing streams `rank_tensors` instead)."""
     models: list[dict] = [{} for _ in range(parallel_sizes(args)[2])]
     for v, name, blocks in rank_tensors(source, args, style, tp_rank, pp_rank):
-        models[v][name] = None if blocks is None else blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
+        dim = 1 if isinstance(blocks, Columns) else 0
+        models[v][name] = None if blocks is None else blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=dim)
     return models
 
 

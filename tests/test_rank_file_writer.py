@@ -18,9 +18,12 @@ import torch.utils.serialization as torch_serialization
 from checkpoint_tools.errors import CheckpointError
 from checkpoint_tools.pickle_peek import TensorRecord, peek_torch_file
 from checkpoint_tools.zip_integrity import check_zip_crc
+from conftest import make_llama
 from megatron_bridge import legacy_format, to_megatron
+from megatron_bridge.convert import ConvertOptions, hf_to_megatron
+from megatron_bridge.from_megatron import MegatronSource
 from megatron_bridge.param_kinds import COLUMN, GATED_MLP, QKV_KIND, REPLICATED, ROW, VOCAB, Shape
-from megatron_bridge.rank_file_writer import ALIGNMENT, RankFileWriter, write_torch_file
+from megatron_bridge.rank_file_writer import ALIGNMENT, Columns, RankFileWriter, write_torch_file
 from megatron_bridge.safe_load import safe_torch_load
 
 
@@ -236,3 +239,48 @@ def test_a_failure_while_streaming_stops_the_writer_without_writing_the_rest(tmp
     path = tmp_path / "release" / "mp_rank_00" / "model_optim_rng.pt"
     assert path.stat().st_size <= 3 * 1024 * 1024 + 4096  # at most the records already handed over, no pickle
     assert not any(t.name.startswith(("rank-file-writer", "crc32")) for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_column_blocks_are_written_row_by_row_as_their_concatenation(tmp_path, threads):
+    """A row-parallel piece handed over as column blocks (Columns): a column slice of a matrix as it is, and the TP
+    shards of a row-parallel weight side by side, big enough for many writev calls, load as torch.cat(dim=1)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(3000, 64, generator=g).to(torch.bfloat16)
+    shards = [torch.randn(3000, n, generator=g).to(torch.bfloat16) for n in (40, 24)]
+    pieces = {"slice": Columns([weight[:, 16:48]]), "merged": Columns(shards),
+              "slice_and_shard": Columns([weight[:, :8], shards[1]]), "empty_cols": Columns([weight[:, 5:5]])}
+    path = str(tmp_path / "x.pt")
+    with RankFileWriter(path, threads=threads) as w:
+        w.finish({k: w.add(v) for k, v in pieces.items()})
+    check_zip_crc(path)
+    for loaded in (_torch_load(path, mmap=True), safe_torch_load(path)):
+        for k, blocks in pieces.items():
+            _assert_same(loaded[k], torch.cat(list(blocks), dim=1), k)
+    with RankFileWriter(str(tmp_path / "y.pt")) as w:
+        with pytest.raises(ValueError, match=r"column blocks \[\(3000, 40\), \(2, 24\)\] .* along dim 1"):
+            w.add(Columns([shards[0], shards[1][:2]]))
+
+
+def test_resharded_pieces_are_views_of_the_source_rank_files(tmp_path):
+    """Megatron TP=2 -> TP=1 and TP=4 (rank_tensors over a real MegatronSource): every piece of a column-parallel,
+    fused or row-parallel weight is made of views of the memory-mapped source rank files (nothing merged), except
+    the vocabulary-parallel ones, and equals the piece a direct conversion from Hugging Face gives."""
+    hf = make_llama(str(tmp_path / "hf"), num_attention_heads=8, num_key_value_heads=2)
+    tp2 = str(tmp_path / "tp2")
+    hf_to_megatron(hf, tp2, ConvertOptions(tp=2, progress=False))
+    ckpt = legacy_format.open_legacy(tp2)
+    source = MegatronSource(ckpt)
+    mapped = [t.untyped_storage() for r in ckpt.ranks.values() for t in r["model"].values() if t is not None]
+    spans = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in mapped]
+    for tp in (1, 4):
+        direct = str(tmp_path / f"direct_tp{tp}")
+        hf_to_megatron(hf, direct, ConvertOptions(tp=tp, progress=False))
+        args = legacy_format.open_legacy(direct).args
+        for rank in range(tp):
+            want = legacy_format.load_rank(direct, rank, 0)["model"]
+            for _, name, blocks in to_megatron.rank_tensors(source, args, "local", rank, 0):
+                dim = 1 if isinstance(blocks, Columns) else 0
+                assert torch.equal(torch.cat(list(blocks), dim=dim), want[name]), (tp, rank, name)
+                if "linear" in name and "norm" not in name:
+                    assert all(any(a <= b.data_ptr() < z for a, z in spans) for b in blocks), (tp, name)

@@ -60,6 +60,11 @@ SHAPES = {  # public Llama shapes
 DIRECTIONS = ("bin_to_legacy", "hf_to_legacy", "legacy_to_hf", "legacy_to_legacy", "hf_to_torch_dist", "torch_dist_to_hf")
 SOURCE_OF = {"bin_to_legacy": "bin", "hf_to_legacy": "hf", "legacy_to_hf": "legacy", "legacy_to_legacy": "legacy",
              "hf_to_torch_dist": "hf", "torch_dist_to_hf": "dist"}
+# Directions run in this order, and each source is built from the first of its origins on disk, so the model is
+# on disk at most three times (source, next source or output, copy): HF -> .bin -> legacy -> torch_dist.
+RUN_ORDER = ("hf_to_legacy", "hf_to_torch_dist", "bin_to_legacy", "legacy_to_hf", "legacy_to_legacy",
+             "torch_dist_to_hf")
+BUILT_FROM = {"bin": ("hf",), "legacy": ("bin", "hf"), "dist": ("legacy", "hf", "bin")}
 GB = 1024**3
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -254,7 +259,7 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
     flags = {"bin_to_legacy": layout, "hf_to_legacy": layout, "legacy_to_hf": [],
              "legacy_to_legacy": ["--tp", str(rtp), "--pp", str(rpp)],
              "hf_to_torch_dist": layout + ["--format", "torch_dist"], "torch_dist_to_hf": []}
-    wanted = [d for d in DIRECTIONS if d in a.directions.split(",")]
+    wanted = [d for d in RUN_ORDER if d in a.directions.split(",")]
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     nbytes = write_random_checkpoint(path["hf"], shape)
@@ -263,21 +268,35 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
     rows = []
 
     def need(source: str) -> None:
-        """Make the source folder a direction reads (once)."""
+        """Make the source folder a direction reads (once), from the folder built last (the same weights)."""
         if os.path.isdir(path[source]):
             return
+        origin = next(o for o in BUILT_FROM[source] if os.path.isdir(path[o]))
         if source == "bin":
             write_bin_checkpoint(path["hf"], path["bin"])
-        elif source == "legacy":
-            subprocess.run(convert_cmd(path["hf"], path["legacy"], *layout), check=True)
-        elif source == "dist":
-            subprocess.run(convert_cmd(path["hf"], path["dist"], *layout, "--format", "torch_dist"), check=True)
+        else:
+            extra = ([] if origin == "legacy" else layout) + (["--format", "torch_dist"] if source == "dist" else [])
+            subprocess.run(convert_cmd(path[origin], path[source], *extra), check=True)
+
+    def free_unneeded(later: list[str]) -> None:
+        """Delete the checkpoints no later direction reads or builds from, so that at most a source, the one
+        built from it and the output or copy are on disk at once (7B: 3 x 13.5 GB)."""
+        if a.keep:
+            return
+        keep = {SOURCE_OF[d] for d in later}
+        for s in [SOURCE_OF[d] for d in later]:
+            if not os.path.isdir(path[s]):  # still to build: keep the first existing folder it is built from
+                keep.add(next((o for o in BUILT_FROM[s] if os.path.isdir(path[o])), s))
+        for s in ("hf", "bin", "legacy", "dist"):
+            if s not in keep:
+                shutil.rmtree(path[s], ignore_errors=True)
 
     for i, direction in enumerate(wanted):
         source = SOURCE_OF[direction]
         row = {"size": label, "direction": direction, "params_gb": nbytes / GB, "runs": a.runs}
         try:
             need(source)
+            free_unneeded(wanted[i:])
             if source not in floor_cache:
                 floor_cache[source] = floors(path[source], path["copy"], a.runs, cold)
             fl = floor_cache[source]
@@ -300,11 +319,7 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
         row["load_avg_start"], row["load_avg_end"] = load0[0], os.getloadavg()[0]
         rows.append(row)
         print(json.dumps(row), flush=True)
-        # Free the disk as soon as no later direction reads a source.
-        later = {SOURCE_OF[d] for d in wanted[i + 1:]}
-        for source in ("bin", "legacy", "dist"):
-            if source not in later and not a.keep:
-                shutil.rmtree(path[source], ignore_errors=True)
+        free_unneeded(wanted[i + 1:])
     if not a.keep:
         for p in path.values():
             shutil.rmtree(p, ignore_errors=True)

@@ -294,7 +294,9 @@ class TorchDistSource(TensorSource):
         return got["parts"][j]
 
     def release(self) -> None:
-        self._blob = (None, None)
+        # Our maps are dropped too: each is unmapped once the last tensor viewing it is gone, so the mapped pages
+        # (file-backed, yet counted as ours) stay those of the tensors in use; the next read maps the file anew.
+        self._blob, self._maps = (None, None), {}
 
     def close(self) -> None:
         for fd in self._files.values():

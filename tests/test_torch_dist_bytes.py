@@ -243,6 +243,9 @@ def test_chunks_are_read_from_the_map_as_torch_load_reads_them(tiny_hf, monkeypa
         base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         emb = mapped.get("model.embed_tokens.weight")
         assert base <= emb.data_ptr() < base + len(mm)  # a view of the file (this chunk's data is aligned)
+        mapped.release()  # drops our maps; a tensor handed out keeps its own alive
+        assert not mapped._maps and torch.equal(emb, got["model.embed_tokens.weight"])
+        assert torch.equal(mapped.get("model.norm.weight"), got["model.norm.weight"])  # mapped anew
     finally:
         mapped.close()
     monkeypatch.setattr(torch_save_blob, "data_offset", lambda blob, dtype, shape: None)

@@ -5,8 +5,9 @@ Why not `torch.save`: it needs the whole object in memory first (a whole rank's 
 whole storage (so a slice of a memory-mapped source had to be cloned first), and it checksums with miniz's CRC-32,
 about 3x slower than zlib's (it was the largest single cost of a conversion). Here each tensor becomes its own record
 of exactly its bytes (storage offset 0) as soon as it is `add`ed: a contiguous view is written straight from the
-memory it views, no copy; a background thread writes it while the caller builds the next tensor, and a second one
-computes its CRC-32 (zlib, which releases the GIL) while it is written. `finish` pickles the object, whose tensors
+memory it views, no copy, and so are row blocks that make up a tensor (a fused QKV shard: slices of q, k and v) and
+column blocks (a row-parallel shard: rows of column slices, with writev); a background thread writes while the
+caller builds the next tensor, and a second one computes the CRC-32 (zlib, which releases the GIL) meanwhile. `finish` pickles the object, whose tensors
 are by then only stand-ins carrying a record key, dtype, shape and stride, so the pickle is written last.
 
 The bytes follow torch/serialization.py `_save` and caffe2's PyTorchStreamWriter (miniz) as of torch 2.x:
@@ -241,7 +242,8 @@ class RankFileWriter:
 
         A list of row blocks (one dtype, the same trailing shape) stands for their concatenation along dim 0: they
         are written one after another as one record, never concatenated in memory (a fused QKV or gate+up shard
-        made of slices of the source tensors)."""
+        made of slices of the source tensors). `Columns` of 2-D blocks stand for their concatenation along dim 1,
+        written row by row (a row-parallel piece)."""
         single = isinstance(tensor, torch.Tensor)
         columns = isinstance(tensor, Columns)
         blocks = [self._prepared(b, rows_only=columns) for b in ([tensor] if single else list(tensor))]

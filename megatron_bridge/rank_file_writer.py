@@ -494,11 +494,12 @@ def write_torch_file(path: str, obj: Any, **options) -> str:
 
 @contextlib.contextmanager
 def streaming_quietly():
-    """While a rank file is streamed: no cyclic garbage collection (it walks the growing heap again and again while
-    nothing cyclic is made) and one torch intra-op thread. The copies a rank needs (a concatenation, a column slice)
-    are bound by memory bandwidth, not by cores, and OpenMP's worker threads spin-wait after every parallel region:
-    seen with 2 cores, converting a 1B model spent 2.5-3 s of user CPU with one thread against 5.5-7.7 s with two,
-    CPU the writer and CRC threads need."""
+    """While a checkpoint is streamed (a rank file here; every conversion, around `convert.run_plan`): no cyclic
+    garbage collection (it walks the growing heap again and again while nothing cyclic is made) and one torch
+    intra-op thread. The copies a conversion makes (a merge, a dtype cast) are bound by memory bandwidth, not by
+    cores, and OpenMP's worker threads spin-wait after every parallel region: seen with 2 cores, converting a 1B
+    model spent 2.5-3 s of user CPU with one thread against 5.5-7.7 s with two, CPU the writer and CRC threads
+    need. Nested uses restore what the outer one set."""
     was_enabled, threads = gc.isenabled(), torch.get_num_threads()
     gc.disable()
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@
 straight from the file and never checks them: a flipped bit in a rank file converts silently into a wrong weight.
 Reading each record once and comparing its checksum turns that into an error naming the file and the record. The
 records are summed through a memory map (no copy into user space; the conversion's own reads then come from the
-page cache when the file fits in memory), crc32 at memory speed with the GIL released.
+page cache when the file fits in memory), crc32 at memory speed with the GIL released (checkpoint_tools.crc32).
 
 A command can start the checks before it has imported torch (`check_early`, from checkpoint_tools.prefetch):
 the reading then overlaps the import, and `check_zip_crc` of the same unchanged file later takes that result instead
@@ -16,10 +16,10 @@ import mmap
 import os
 import threading
 import zipfile
-import zlib
 from concurrent.futures import Future
 from typing import Iterable
 
+from checkpoint_tools.crc32 import crc32
 from checkpoint_tools.errors import CheckpointError
 
 _CHUNK = 64 * 1024 * 1024
@@ -113,7 +113,7 @@ def _check_stored(path: str, view: mmap.mmap, info: zipfile.ZipInfo) -> None:
     crc = 0
     with memoryview(view) as data:
         for i in range(start, start + info.file_size, _CHUNK):
-            crc = zlib.crc32(data[i:min(i + _CHUNK, start + info.file_size)], crc)
+            crc = crc32(data[i:min(i + _CHUNK, start + info.file_size)], crc)
     if crc != info.CRC:
         raise CheckpointError(f"{path}: damaged (checksum mismatch in record {info.filename}); copy it again from "
                               f"its origin")

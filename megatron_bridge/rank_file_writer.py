@@ -3,11 +3,12 @@ time: the writer of legacy rank files `model_optim_rng.pt`.
 
 Why not `torch.save`: it needs the whole object in memory first (a whole rank's state dict), it pickles a tensor's
 whole storage (so a slice of a memory-mapped source had to be cloned first), and it checksums with miniz's CRC-32,
-about 3x slower than zlib's and 9x slower than ISA-L's (it was the largest single cost of a conversion). Here each tensor becomes its own record
-of exactly its bytes (storage offset 0) as soon as it is `add`ed: a contiguous view is written straight from the
-memory it views, no copy, and so are row blocks that make up a tensor (a fused QKV shard: slices of q, k and v) and
-column blocks (a row-parallel shard: rows of column slices, with writev); a background thread writes while the
-caller builds the next tensor, and a second one computes the CRC-32 (checkpoint_tools.crc32, which releases the GIL) meanwhile. `finish` pickles the object, whose tensors
+about 3x slower than zlib's and 9x slower than ISA-L's (it was the largest single cost of a conversion). Here each
+tensor becomes its own record of exactly its bytes (storage offset 0) as soon as it is `add`ed: a contiguous view
+is written straight from the memory it views, no copy, and so are row blocks that make up a tensor (a fused QKV
+shard: slices of q, k and v) and column blocks (a row-parallel shard: rows of column slices, with writev); a
+background thread writes while the caller builds the next tensor, and a second one computes the CRC-32
+(checkpoint_tools.crc32, which releases the GIL) meanwhile. `finish` pickles the object, whose tensors
 are by then only stand-ins carrying a record key, dtype, shape and stride, so the pickle is written last.
 
 The bytes follow torch/serialization.py `_save` and caffe2's PyTorchStreamWriter (miniz) as of torch 2.x:

@@ -10,7 +10,8 @@ memory is one layer's tensor of one key, not a rank's shard, and no megatron-cor
 
 At the I/O floor: a chunk's bytes go from the source's memory (a memory-mapped file, mostly) to the file without a
 copy of our own: the fused tensors (QKV, gate+up) are written as their row pieces, the archive around them by
-torch_save_blob (torch.save's bytes, CRC-32 by zlib), a writer thread writing while this one CRCs the next slice;
+torch_save_blob (torch.save's bytes, CRC-32 by checkpoint_tools.crc32), a writer thread writing while this one CRCs
+the next slice;
 the index is pickled from stand-ins (dcp_index), so torch.distributed.checkpoint is never imported. The bytes are
 those the torch.save path wrote (tests/test_torch_dist_bytes.py compares them).
 """
@@ -22,7 +23,6 @@ import io
 import json
 import os
 import uuid
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint_tools.atomic_dir import atomic_directory
+from checkpoint_tools.crc32 import crc32
 from checkpoint_tools.canonical import TensorSource, expected_shapes
 from megatron_bridge import dcp_index, legacy_format, sidecar
 from megatron_bridge.layout import canonical_layer_names, stage_layers
@@ -60,7 +61,8 @@ class DcpFiles:
     """Appends `torch.save` archives to `__0_N.distcp` files, starting the next file past `max_file_bytes`.
 
     A tensor is streamed from its pieces (torch_save_blob writes the archive torch.save would, CRC-ing each slice of
-    the bytes in this thread with zlib, which releases the GIL) while one writer thread writes the previous slices:
+    the bytes in this thread with checkpoint_tools.crc32, which releases the GIL) while one writer thread writes the
+    previous slices:
     the CRC of one slice overlaps the write of the last, and no piece is copied into a tensor of its own. The
     pieces are views (of memory-mapped source files, mostly); the queue holds a few slices, so memory stays flat."""
 
@@ -107,7 +109,7 @@ class DcpFiles:
             data = _bytes_of(piece)
             for at in range(0, len(data), self.SLICE):
                 part = data[at:at + self.SLICE]
-                crc = zlib.crc32(part, crc)
+                crc = crc32(part, crc)
                 self._submit(_write_all, fd, part)
             n += len(data)
         if n != arch.data_len:

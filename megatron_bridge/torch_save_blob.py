@@ -7,7 +7,7 @@ zlib's; together they cost more than reading and writing the bytes. Yet the arch
 tensor's bytes), `version`, `.data/serialization_id`, each data area aligned to 64 bytes by an `FB` padding extra
 field and followed by a data descriptor (CRC and sizes come after the data, so the data can stream), then a central
 directory and zip64 end records. `TensorArchive` gives the bytes before and after the data; the caller streams the
-pieces in between, CRC-ing them with zlib on the way.
+pieces in between, CRC-ing them on the way (checkpoint_tools.crc32).
 
 Byte for byte what torch.save writes: `archive_matches_torch()` builds a small tensor's archive both ways once per
 process and callers fall back to torch.save when the installed torch writes anything else (a new record, another
@@ -18,10 +18,11 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import zlib
 from typing import Optional
 
 import torch
+
+from checkpoint_tools.crc32 import crc32
 
 _ARCHIVE = b"archive/"
 _ALIGN = 64  # torch's default storage alignment (torch.utils.serialization.config.save.storage_alignment)
@@ -93,7 +94,7 @@ class TensorArchive:
         self.total_len = len(self.tail(0))  + len(self.head) + self.data_len
 
     def _add(self, data: bytes, crc: Optional[int] = None) -> None:
-        crc = zlib.crc32(data) if crc is None else crc
+        crc = crc32(data) if crc is None else crc
         self._central[-1][2:] = [crc, len(data)]
 
     def tail(self, crc: int) -> bytes:
@@ -107,11 +108,11 @@ class TensorArchive:
         for c in central:
             combined = _hash_combine(combined, c[2])
         for full, data in self._after:
-            combined = _hash_combine(combined, zlib.crc32(data))
+            combined = _hash_combine(combined, crc32(data))
         after = self._after + [(_ARCHIVE + b".data/serialization_id",
                                 b"%020d%020d" % (self._name_hash, combined))]
         for full, data in after:
-            c = [full, pos, zlib.crc32(data), len(data)]
+            c = [full, pos, crc32(data), len(data)]
             central.append(c)
             rec = _local_header(pos, full) + data + _descriptor(c[2], len(data))
             out += rec
@@ -155,7 +156,7 @@ def archive_bytes(t: torch.Tensor) -> bytes:
     """This module's archive of a (small) contiguous tensor, whole: for the self-check and tests."""
     arch = tensor_archive(t.dtype, tuple(t.shape))
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return arch.head + data + arch.tail(zlib.crc32(data))
+    return arch.head + data + arch.tail(crc32(data))
 
 
 @functools.lru_cache(maxsize=None)

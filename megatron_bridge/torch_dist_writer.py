@@ -11,9 +11,8 @@ memory is one layer's tensor of one key, not a rank's shard, and no megatron-cor
 At the I/O floor: a chunk's bytes go from the source's memory (a memory-mapped file, mostly) to the file without a
 copy of our own: the fused tensors (QKV, gate+up) are written as their row pieces, the archive around them by
 torch_save_blob (torch.save's bytes, CRC-32 by checkpoint_tools.crc32), a writer thread writing while this one CRCs
-the next slice;
-the index is pickled from stand-ins (dcp_index), so torch.distributed.checkpoint is never imported. The bytes are
-those the torch.save path wrote (tests/test_torch_dist_bytes.py compares them).
+the next slice; the index is pickled from stand-ins (dcp_index), so torch.distributed.checkpoint is never imported.
+The bytes are those the torch.save path wrote (tests/test_torch_dist_bytes.py compares them).
 """
 from __future__ import annotations
 
@@ -62,9 +61,9 @@ class DcpFiles:
 
     A tensor is streamed from its pieces (torch_save_blob writes the archive torch.save would, CRC-ing each slice of
     the bytes in this thread with checkpoint_tools.crc32, which releases the GIL) while one writer thread writes the
-    previous slices:
-    the CRC of one slice overlaps the write of the last, and no piece is copied into a tensor of its own. The
-    pieces are views (of memory-mapped source files, mostly); the queue holds a few slices, so memory stays flat."""
+    previous slices: the CRC of one slice overlaps the write of the last, and no piece is copied into a tensor of its
+    own. The pieces are views (of memory-mapped source files, mostly); the queue holds a few slices, so memory stays
+    flat."""
 
     SLICE = 16 << 20
     IN_FLIGHT = 4  # slices queued for the writer thread at most

@@ -175,9 +175,8 @@ def test_rejected_layouts_name_the_valid_tp(tp, nq, ng, ffn, problem, valid):
     assert str(e.value) == f"{problem}; use TP in {valid}"
 
 
-@pytest.mark.parametrize("tp,ng,bias", CASES)
-def test_single_rank_shard_equals_split(tp, ng, bias):
-    """`shard` (what the streaming writer uses) is exactly `split(...)[rank]` for every kind."""
+def _every_kind(tp, ng, bias):
+    """A Shape and canonical input tensors for every split kind (with or without bias, vocab padded for `tp`)."""
     rest = () if bias else (HIDDEN,)
     vocab = 250
     shape = Shape(NQ, ng, HD, vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp, 128))
@@ -185,7 +184,14 @@ def test_single_rank_shard_equals_split(tp, ng, bias):
     mlp = [torch.randn(24, HIDDEN), torch.randn(24, HIDDEN)]
     emb = [torch.randn(vocab, HIDDEN)]
     w = [torch.randn(24, 48)]
-    for kind, ts in [(QKV_KIND, qkv), (GATED_MLP, mlp), (VOCAB, emb), (COLUMN, w), (ROW, w), (REPLICATED, w)]:
+    return shape, [(QKV_KIND, qkv), (GATED_MLP, mlp), (VOCAB, emb), (COLUMN, w), (ROW, w), (REPLICATED, w)]
+
+
+@pytest.mark.parametrize("tp,ng,bias", CASES)
+def test_single_rank_shard_equals_split(tp, ng, bias):
+    """`shard` (what the streaming writer uses) is exactly `split(...)[rank]` for every kind."""
+    shape, inputs = _every_kind(tp, ng, bias)
+    for kind, ts in inputs:
         full = kind.split(ts, tp, shape)
         for r in range(tp):
             assert torch.equal(kind.shard(ts, tp, r, shape), full[r]), (kind.name, r)
@@ -195,14 +201,8 @@ def test_single_rank_shard_equals_split(tp, ng, bias):
 def test_merge_parts_are_blocks_of_merge(tp, ng, bias):
     """`merge_parts` (what the Hugging Face writer streams from TP shards) concatenates to exactly `merge`, block
     by block views of the shards themselves (no copy) for every kind but Row."""
-    rest = () if bias else (HIDDEN,)
-    vocab = 250
-    shape = Shape(NQ, ng, HD, vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp, 128))
-    qkv = [torch.randn((NQ * HD,) + rest), torch.randn((ng * HD,) + rest), torch.randn((ng * HD,) + rest)]
-    mlp = [torch.randn(24, HIDDEN), torch.randn(24, HIDDEN)]
-    emb = [torch.randn(vocab, HIDDEN)]
-    w = [torch.randn(24, 48)]
-    for kind, ts in [(QKV_KIND, qkv), (GATED_MLP, mlp), (VOCAB, emb), (COLUMN, w), (ROW, w), (REPLICATED, w)]:
+    shape, inputs = _every_kind(tp, ng, bias)
+    for kind, ts in inputs:
         shards = kind.split(ts, tp, shape)
         merged, parts = kind.merge(shards, shape), kind.merge_parts(shards, shape)
         assert len(parts) == len(merged) == len(ts), kind.name

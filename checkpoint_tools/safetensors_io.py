@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional
 from checkpoint_tools.dtype_names import SAFETENSORS_DTYPES, itemsize, torch_name
 from checkpoint_tools.errors import CheckpointError  # noqa: F401 - re-exported for older imports
 from checkpoint_tools.lazy_torch import torch  # headers are read without torch; tensors import it
+from checkpoint_tools.vectored_io import row_segments, writev_all
 
 
 class _TorchTable(Mapping):
@@ -215,25 +216,6 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-def _writev_all(fd: int, buffers: list) -> None:
-    """os.writev until every byte is written (a regular file may take less than asked, e.g. near a full disk)."""
-    done = os.writev(fd, buffers)
-    total = sum(len(b) for b in buffers)
-    if done == total:
-        return
-    for b in buffers:  # the rare short write: finish piece by piece
-        if done >= len(b):
-            done -= len(b)
-            continue
-        view = memoryview(b)[done:]
-        while len(view):
-            view = view[os.write(fd, view):]
-        done = 0
-
-
 class _WriteBehind:
     """One background thread that runs file operations in the order they are submitted.
 
@@ -333,22 +315,10 @@ class ShardedSafetensorsWriter:
             self._f.write(data[i:i + WRITE_CHUNK])
 
     def _write_side_by_side(self, blocks: list[torch.Tensor]) -> None:
-        """Row r of the file's tensor is row r of every block in turn: the rows' bytes are handed to writev in
-        batches (one syscall per IOV_MAX rows), never copied into a merged tensor."""
+        """Row r of the file's tensor is row r of every block in turn: the rows' bytes go to writev as they lie,
+        never copied into a merged tensor."""
         self._f.flush()
-        fd = self._f.fileno()
-        views = [b.view(torch.uint8).numpy().data.cast("B") for b in blocks]
-        widths = [b.shape[1] * b.element_size() for b in blocks]
-        batch, pending = [], 0
-        for r in range(blocks[0].shape[0]):
-            for v, w in zip(views, widths):
-                batch.append(v[r * w:(r + 1) * w])
-                pending += w
-            if len(batch) >= _IOV_MAX - len(views) or pending >= WRITE_CHUNK:
-                _writev_all(fd, batch)
-                batch, pending = [], 0
-        if batch:
-            _writev_all(fd, batch)
+        writev_all(self._f.fileno(), row_segments(blocks))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.write_parts(name, [tensor])

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import gc
 import io
 import os
@@ -49,6 +48,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from checkpoint_tools.crc32 import crc32
+from checkpoint_tools.vectored_io import memory, row_segments, write_all, writev_all
 
 ZIP64_LIMIT = 0xFFFFFFFF  # miniz's MZ_UINT32_MAX: a size or offset at or above it needs zip64 fields
 ALIGNMENT = 64  # torch's storage alignment: record data starts at a multiple of it
@@ -59,7 +59,6 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _CRC_IN_THREAD_BYTES = 4 << 20  # below this the CRC thread's hand-off costs more than it saves
 _WRITE_CHUNK = 1 << 30  # one write() call at most (Linux writes at most 2 GiB - 4 KiB per call)
-_IOV_MAX = 1024  # buffers per writev() call (Linux's UIO_MAXIOV)
 
 
 class TensorRef:
@@ -104,11 +103,6 @@ def _untyped(dtype: torch.dtype) -> bool:
     return dtype in torch.storage._new_dtypes() or dtype not in torch.storage._dtype_to_storage_type_map()
 
 
-def _memory(t: torch.Tensor, nbytes: int) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (the caller keeps `t` alive while they are used)."""
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
-
-
 def _contiguous_stride(shape: tuple) -> tuple:
     """The strides torch gives a fresh tensor of `shape` (its convention for empty and size-1 dimensions)."""
     return torch.empty(shape, device="meta").stride()
@@ -126,21 +120,6 @@ class Columns(list):
     concatenation along dim 1 is the tensor (a row-parallel piece: a column slice of one matrix, or the TP shards of
     a row-parallel weight merged). Each block's rows must be contiguous (a column slice's are); the record is
     written row by row straight from the blocks' memory, never built."""
-
-
-def _row_segments(blocks: list[torch.Tensor]) -> list[memoryview]:
-    """The bytes of `torch.cat(blocks, dim=1)` in order, as one memoryview per block row (no copy)."""
-    spans = []
-    for b in blocks:
-        es, (rows, cols), step = b.element_size(), b.shape, b.stride(0)
-        span = ((rows - 1) * step + cols) * es if b.numel() else 0
-        spans.append((_memory(b, span) if span else None, step * es, cols * es))
-    views = []
-    for i in range(blocks[0].shape[0]):
-        for base, step, width in spans:
-            if width:
-                views.append(base[i * step:i * step + width])
-    return views
 
 
 class _Pickler(pickle.Pickler):
@@ -410,9 +389,9 @@ class RankFileWriter:
             if isinstance(data, (bytes, bytearray)):
                 views = [memoryview(data)]
             elif isinstance(data, Columns):
-                views = _row_segments(data)
+                views = row_segments(data)
             else:
-                views = [_memory(t, t.numel() * t.element_size()) for t in data if t.numel()]
+                views = [memory(t, t.numel() * t.element_size()) for t in data if t.numel()]
             crc = self._write_data(views, nbytes)
             if zip64:
                 self._emit_small(struct.pack("<IIQQ", 0x08074B50, crc, nbytes, nbytes))
@@ -449,21 +428,11 @@ class RankFileWriter:
         if len(views) == 1:
             self._write_all(views[0])
         else:  # many segments (rows of column blocks): one writev per IOV_MAX of them, no gathering copy
-            for i in range(0, len(views), _IOV_MAX):
-                batch = views[i:i + _IOV_MAX]
-                done = os.writev(self._fd, batch)
-                for view in batch:  # a short write (rare on a regular file): the rest one by one
-                    if done >= len(view):
-                        done -= len(view)
-                        continue
-                    self._write_all(view[done:])
-                    done = 0
+            writev_all(self._fd, views)
         self._offset += nbytes
 
     def _write_all(self, view: memoryview) -> None:
-        done, n = 0, len(view)
-        while done < n:
-            done += os.write(self._fd, view[done:done + _WRITE_CHUNK])
+        write_all(self._fd, view, _WRITE_CHUNK)
 
     def _write_central_directory(self) -> None:
         start = self._offset

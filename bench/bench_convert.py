@@ -1,7 +1,7 @@
 """Conversion speed and memory on real Llama shapes, against the I/O floor of copying the same bytes.
 
-    python bench/bench_convert.py --sizes 1b,3b,7b --tp 2 --pp 1 --runs 3 [--work-dir DIR] [--keep]
-    python bench/bench_convert.py --sizes 70b --layers 2 --runs 3      # a 70B shape's tensors, 2 layers
+    python bench/bench_convert.py --sizes 1b,3b,7b --tp 2 --pp 1 --runs 5 [--work-dir DIR] [--keep]
+    python bench/bench_convert.py --sizes 70b --layers 2 --runs 5      # a 70B shape's tensors, 2 layers
 
 For each size it writes a random bf16 Hugging Face checkpoint of that shape (streamed, never whole in memory) and
 runs every direction through the project CLI in a subprocess, `--runs` times each:
@@ -13,16 +13,18 @@ runs every direction through the project CLI in a subprocess, `--runs` times eac
     hf_to_torch_dist  HF safetensors -> torch_dist TPxPP
     torch_dist_to_hf  torch_dist -> HF safetensors
 
-Each is compared with two floors measured in the same run on its source folder: `cp -r` (an in-kernel
-copy_file_range here, which a converter whose bytes pass through user space cannot use) and a read/write copy
-through user space with 64 MB buffers (what any converter must do at least; the bar is 1.2x of it). Every timing
-runs until the bytes are on disk (`sync` after) and, when the bench may (root), starts from a cold page cache
-(`sync; echo 3 > /proc/sys/vm/drop_caches` before every run, copies and conversions alike); otherwise every run is
-preceded by a sync only and the header says so. Peak memory is summed over the whole process tree the command
-starts (the CLI and every worker it spawns), sampled from /proc every 20 ms: anonymous (what the converter holds)
-and file-backed (mapped checkpoint pages the kernel may drop) reported apart. Times are min/median/max of the runs;
-ratios use medians; memory is the largest peak of the runs. The load average is printed with each size: the machine
-may be shared.
+Each is compared with two floors on its source folder: `cp -r` (an in-kernel copy_file_range here, which a
+converter whose bytes pass through user space cannot use; a reference, `--runs` times per source) and a read/write
+copy through user space with 64 MB buffers (what any converter must do at least; the bar is 1.2x of it). Every
+conversion run is paired with a run of that copy, back to back (the order alternating), and `x copy` is the median
+of the pairs' ratios, its range printed beside it: run times on a VM drift by 2x within minutes, and a pair shares
+the conditions. Every timing runs until the bytes are on disk (`sync` after) and, when the bench may (root), starts
+from a cold page cache (`sync; echo 3 > /proc/sys/vm/drop_caches` before every run, copies and conversions alike);
+otherwise every run is preceded by a sync only and the header says so. Peak memory is summed over the whole process
+tree the command starts (the CLI and every worker it spawns), sampled from /proc every 20 ms: anonymous (what the
+converter holds) and file-backed (mapped checkpoint pages the kernel may drop) reported apart. Times are
+min/median/max of the runs; memory is the largest peak of the runs. The load average is printed with each size: the
+machine may be shared.
 """
 from __future__ import annotations
 
@@ -134,24 +136,26 @@ def can_drop_caches() -> bool:
         return False
 
 
-def _tree_rss(root: int) -> tuple[int, int]:
-    """(RssAnon, RssFile) in bytes summed over `root` and all its descendants (found by parent pid in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    anon = file = 0
-    todo = [root]
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from the kernel's per-thread child lists (cheap enough to run every 20 ms:
+    scanning all of /proc instead took a few ms of the CPU the conversion competes for)."""
+    out, todo = [], [pid]
     while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(RssAnon, RssFile) in bytes summed over `root` and all its descendants."""
+    anon = file = 0
+    for pid in _descendants(root):
         try:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
@@ -234,11 +238,22 @@ def startup_seconds(runs: int) -> float:
     return statistics.median(secs)
 
 
-def floors(src: str, dst: str, runs: int, cold: bool) -> dict:
-    """`cp -r` and the user-space copy of `src`, `runs` times each."""
-    rm = lambda: shutil.rmtree(dst, ignore_errors=True)  # noqa: E731
-    return {"cp": summary(repeat(runs, lambda: ["cp", "-r", src, dst], rm, cold)),
-            "user_copy": summary(repeat(runs, lambda: [sys.executable, "-c", USERSPACE_COPY, src, dst], rm, cold))}
+def cp_floor(src: str, dst: str, runs: int, cold: bool) -> dict:
+    """`cp -r` of `src`, `runs` times (a reference only: no converter can use its in-kernel copy)."""
+    return summary(repeat(runs, lambda: ["cp", "-r", src, dst], lambda: shutil.rmtree(dst, ignore_errors=True), cold))
+
+
+def paired_runs(runs: int, convert, copy, cleanup) -> tuple[list[dict], list[dict]]:
+    """`runs` pairs of (conversion, user-space copy of its source) run back to back, the order alternating, so that
+    each ratio compares two runs under the same conditions. Run times here drift by 2x within minutes: a VM whose
+    freed memory goes back to the host (virtio-balloon free page reporting; drop_caches frees gigabytes) pays the
+    host again for every page it touches, in the copy as in the conversion."""
+    conversions, copies = [], []
+    for i in range(runs):
+        for kind in (("convert", "copy") if i % 2 == 0 else ("copy", "convert")):
+            (conversions if kind == "convert" else copies).append(timed(*(convert if kind == "convert" else copy)()))
+            cleanup(kind)
+    return conversions, copies
 
 
 # ---------------------------------------------------------------------------------------------- the bench
@@ -264,7 +279,7 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
     t0 = time.perf_counter()
     nbytes = write_random_checkpoint(path["hf"], shape)
     print(f"# {label}: wrote {nbytes / GB:.2f} GB of tensors in {time.perf_counter() - t0:.0f} s", flush=True)
-    floor_cache: dict[str, dict] = {}
+    cp_cache: dict[str, dict] = {}
     rows = []
 
     def need(source: str) -> None:
@@ -297,22 +312,27 @@ def bench_size(size: str, a: argparse.Namespace, work: str, cold: bool) -> list[
         try:
             need(source)
             free_unneeded(wanted[i:])
-            if source not in floor_cache:
-                floor_cache[source] = floors(path[source], path["copy"], a.runs, cold)
-            fl = floor_cache[source]
-            rm_out = lambda: shutil.rmtree(path["out"], ignore_errors=True)  # noqa: E731
-            samples = []
-            for _ in range(a.runs):
-                samples.append(timed(convert_cmd(path[source], path["out"], *flags[direction]), cold))
-                row["out_gb"] = dir_bytes(path["out"]) / GB
-                row["largest_out_file_gb"] = largest_file(path["out"]) / GB
-                rm_out()
-            row.update(summary(samples))
-            row.update(source_gb=dir_bytes(path[source]) / GB, cp_median_s=fl["cp"]["median_s"],
-                       user_copy_median_s=fl["user_copy"]["median_s"], user_copy_min_s=fl["user_copy"]["min_s"],
-                       user_copy_max_s=fl["user_copy"]["max_s"], user_copy_cpu_s=fl["user_copy"]["cpu_median_s"],
-                       x_copy_cpu=row["cpu_median_s"] / fl["user_copy"]["cpu_median_s"],
-                       x_cp=row["median_s"] / fl["cp"]["median_s"], x_copy=row["median_s"] / fl["user_copy"]["median_s"])
+            if source not in cp_cache:
+                cp_cache[source] = cp_floor(path[source], path["copy"], a.runs, cold)
+
+            def cleanup(kind: str) -> None:
+                if kind == "convert":
+                    row["out_gb"] = dir_bytes(path["out"]) / GB
+                    row["largest_out_file_gb"] = largest_file(path["out"]) / GB
+                shutil.rmtree(path["out" if kind == "convert" else "copy"], ignore_errors=True)
+
+            conversions, copies = paired_runs(
+                a.runs, lambda: (convert_cmd(path[source], path["out"], *flags[direction]), cold),
+                lambda: ([sys.executable, "-c", USERSPACE_COPY, path[source], path["copy"]], cold), cleanup)
+            row.update(summary(conversions))
+            uc = summary(copies)
+            ratios = [c["seconds"] / f["seconds"] for c, f in zip(conversions, copies)]
+            row.update(source_gb=dir_bytes(path[source]) / GB, cp_median_s=cp_cache[source]["median_s"],
+                       user_copy_median_s=uc["median_s"], user_copy_min_s=uc["min_s"], user_copy_max_s=uc["max_s"],
+                       user_copy_cpu_s=uc["cpu_median_s"], x_cp=row["median_s"] / cp_cache[source]["median_s"],
+                       x_copy=statistics.median(ratios), x_copy_min=min(ratios), x_copy_max=max(ratios),
+                       x_copy_of_medians=row["median_s"] / uc["median_s"],
+                       x_copy_cpu=statistics.median(c["cpu"] / f["cpu"] for c, f in zip(conversions, copies)))
         except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
             row["error"] = str(e).strip().splitlines()[-1][:200]
             shutil.rmtree(path["out"], ignore_errors=True)
@@ -330,21 +350,24 @@ def print_table(rows: list[dict], runs: int, tp: int, pp: int, reshard: str, col
     print(f"\nstart-up (Python + torch + converter imports, warm, included in every conversion time): {startup:.1f} s")
     print(f"{runs} runs each, TP={tp} PP={pp} (legacy_to_legacy to TP,PP={reshard}); "
           f"{'cold page cache before every run (drop_caches)' if cold else 'warm page cache (no permission to drop it)'}"
-          f"; times until the bytes are on disk (sync).\nx cp / x copy: median time over the median of `cp -r` / of a "
-          f"user-space read+write copy of the same source; cpu: CPU seconds (user+sys) of the process tree, x cpu: "
-          f"over the copy's (less sensitive to a shared machine); anon/file: peak RSS summed over the process tree.")
+          f"; times until the bytes are on disk (sync).\nx copy: median over the runs of the conversion's time over "
+          f"the user-space read+write copy of its source run beside it (range: min-max of those ratios); copy s: the "
+          f"copies' median; x cp: median time over the median of `cp -r`; cpu: CPU seconds (user+sys) of the process "
+          f"tree, x cpu: the pairs' median ratio; anon/file: peak RSS summed over the process tree; out GB: all files "
+          f"written (more than the source where Megatron keeps a tied embedding on two stages).")
     print(f"{'size':>7} {'GB':>6} {'direction':>16} | {'min s':>6} {'med s':>6} {'max s':>6} | {'copy s':>6} "
-          f"{'x cp':>5} {'x copy':>6} | {'cpu s':>6} {'x cpu':>5} | {'anon GB':>7} {'file GB':>7} | "
-          f"{'out file GB':>11} | load")
+          f"{'x cp':>5} {'x copy':>6} {'range':>9} | {'cpu s':>6} {'x cpu':>5} | {'anon GB':>7} {'file GB':>7} | "
+          f"{'out GB':>6} {'largest':>7} | load")
     nan = float("nan")
     for r in rows:
         if "error" in r:
             print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>16} | failed: {r['error']}")
             continue
         print(f"{r['size']:>7} {r['params_gb']:6.2f} {r['direction']:>16} | {r['min_s']:6.1f} {r['median_s']:6.1f} "
-              f"{r['max_s']:6.1f} | {r['user_copy_median_s']:6.1f} {r['x_cp']:5.2f} {r['x_copy']:6.2f} | "
+              f"{r['max_s']:6.1f} | {r['user_copy_median_s']:6.1f} {r['x_cp']:5.2f} {r['x_copy']:6.2f} "
+              f"{r['x_copy_min']:4.2f}-{r['x_copy_max']:4.2f} | "
               f"{r.get('cpu_median_s', nan):6.1f} {r.get('x_copy_cpu', nan):5.2f} | {r['peak_anon_gb']:7.2f} "
-              f"{r['peak_file_gb']:7.2f} | {r['largest_out_file_gb']:11.2f} | "
+              f"{r['peak_file_gb']:7.2f} | {r['out_gb']:6.2f} {r['largest_out_file_gb']:7.2f} | "
               f"{r.get('load_avg_start', nan):.1f}-{r.get('load_avg_end', nan):.1f}")
 
 
@@ -356,7 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--reshard", default="1,2", help="TP,PP of the legacy_to_legacy output (default 1,2)")
     p.add_argument("--directions", default=",".join(DIRECTIONS), help="comma-separated of " + ",".join(DIRECTIONS))
-    p.add_argument("--runs", type=int, default=3, help="runs per direction and per floor (median reported)")
+    p.add_argument("--runs", type=int, default=5, help="paired runs per direction (medians reported)")
     p.add_argument("--warm", action="store_true", help="do not drop the page cache between runs")
     p.add_argument("--work-dir", help="scratch folder (default: a temporary one); needs ~3x the model size free")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")

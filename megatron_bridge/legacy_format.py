@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -86,25 +87,54 @@ def save_rank(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, p
 def save_rank_streamed(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, args: argparse.Namespace,
                        tensors: Iterable[tuple[int, str, Any]], on_tensor: Callable[..., Any] = lambda: None,
                        **writer_options) -> str:
-    """Write one rank file from (virtual chunk, name, tensor or None) items as they come: each tensor (or list of
-    row blocks standing for their concatenation) is written and released while the next is built, and the pickle,
-    `rank_payload`'s dict with the tensors' stand-ins, goes last. `on_tensor` is called after each tensor is handed
-    over (progress); `writer_options` go to RankFileWriter."""
+    """Write one rank file from (virtual chunk, name, tensor or None) items as they come (see save_ranks_streamed)."""
+    return save_ranks_streamed(root, iteration, args, {(tp_rank, pp_rank): tensors}, on_tensor=on_tensor,
+                               **writer_options)[0]
+
+
+def save_ranks_streamed(root: str, iteration: Optional[int], args: argparse.Namespace,
+                        ranks: dict[tuple[int, int], Iterable[tuple[int, str, Any]]],
+                        on_tensor: Callable[..., Any] = lambda: None, max_in_flight: Optional[int] = None,
+                        **writer_options) -> list[str]:
+    """Write the rank files of `ranks` ((tp_rank, pp_rank) -> its (virtual chunk, name, tensor or None) items) at
+    once, one tensor of each in turn; returns their paths in `ranks`' order.
+
+    Each tensor (or list of row blocks standing for their concatenation) is written and released while the next is
+    built, and the pickle, `rank_payload`'s dict with the tensors' stand-ins, goes last. Every file has its own
+    writer thread: the copy into the page cache is what a write costs, one thread copies into one file at a time
+    (the file system serialises writes to a file), so K files written together use K cores while this thread only
+    builds views. `max_in_flight` bytes are shared among the files; `on_tensor` is called after each tensor is
+    handed over (progress); `writer_options` go to every RankFileWriter.
+    """
     from megatron_bridge.megatron_args import parallel_sizes
-    from megatron_bridge.rank_file_writer import RankFileWriter, streaming_quietly
+    from megatron_bridge.rank_file_writer import MAX_IN_FLIGHT, RankFileWriter, streaming_quietly
 
     _, pp, vpp = parallel_sizes(args)
-    path = rank_file_path(root, iteration, tp_rank, pp_rank, pp)
-    models: list[dict] = [{} for _ in range(vpp)]
-    with RankFileWriter(path, **writer_options) as writer, streaming_quietly():
-        for v, name, tensor in tensors:
-            if tensor is None:
-                models[v][name] = None
-                continue
-            models[v][name] = writer.add(tensor)
-            del tensor  # the writer holds it until written; the loop must not keep it alive past that
-            on_tensor()
-        return writer.finish(rank_payload(args, iteration, models))
+    share = max(1, (max_in_flight or MAX_IN_FLIGHT) // len(ranks))
+    with ExitStack() as stack:
+        stack.enter_context(streaming_quietly())
+        jobs = []
+        for (tp_rank, pp_rank), items in ranks.items():
+            path = rank_file_path(root, iteration, tp_rank, pp_rank, pp)
+            writer = stack.enter_context(RankFileWriter(path, max_in_flight=share, **writer_options))
+            jobs.append((writer, iter(items), [{} for _ in range(vpp)]))
+        pending = list(jobs)
+        while pending:
+            for job in list(pending):
+                writer, items, models = job
+                item = next(items, None)
+                if item is None:
+                    pending.remove(job)
+                    continue
+                v, name, tensor = item
+                del item
+                if tensor is None:
+                    models[v][name] = None
+                    continue
+                models[v][name] = writer.add(tensor)
+                del tensor  # the writer holds it until written; the loop must not keep it alive past that
+                on_tensor()
+        return [writer.finish(rank_payload(args, iteration, models)) for writer, _, models in jobs]
 
 
 @dataclass

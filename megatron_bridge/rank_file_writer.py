@@ -59,6 +59,7 @@ _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _CRC_IN_THREAD_BYTES = 4 << 20  # below this the CRC thread's hand-off costs more than it saves
 _WRITE_CHUNK = 1 << 30  # one write() call at most (Linux writes at most 2 GiB - 4 KiB per call)
+MAX_IN_FLIGHT = 512 << 20  # default bytes handed to a writer and not yet written
 
 
 class TensorRef:
@@ -190,7 +191,7 @@ class RankFileWriter:
     beyond the one it is building); `zip64_limit` lowers miniz's 4 GiB threshold so tests can check zip64 records
     on small files."""
 
-    def __init__(self, path: str, *, max_in_flight: int = 512 << 20, zip64_limit: int = ZIP64_LIMIT,
+    def __init__(self, path: str, *, max_in_flight: int = MAX_IN_FLIGHT, zip64_limit: int = ZIP64_LIMIT,
                  threads: bool = True):
         self.path = path
         self._archive = os.path.splitext(os.path.basename(path))[0] or "archive"

@@ -1,13 +1,14 @@
 """Canonical tensors -> Megatron legacy checkpoint ranks, streamed: one tensor in memory at a time, not one rank.
 
-For every (pipeline rank, tensor rank), `rank_tensors` builds the rank's tensors one after another from the canonical
-source by the layout table and the split kinds, and `legacy_format.save_rank_streamed` writes each as its own record
-of the rank file while the next is built (`rank_file_writer`). Each piece travels as blocks that are slices of the
-source, written straight from its memory map: row blocks (`Kind.shard_parts`, over the source's own blocks from
-`get_parts`), or column blocks for a row-parallel piece (`Columns`, over `get_column_parts`), written row by row. So
-nothing is concatenated (fused QKV, gate+up) or cloned (a slice), and resharding a Megatron checkpoint never merges
-a weight's TP shards first; only vocabulary padding and the source's own dtype conversion build new tensors. Peak
-memory is the pieces in flight, not a rank's shard.
+For every (pipeline rank, tensor rank), `rank_tensors` builds the rank's tensors one after another from the
+canonical source by the layout table and the split kinds, and `legacy_format.save_ranks_streamed` writes each as its
+own record of the rank file while the next is built (`rank_file_writer`), up to RANK_FILES_AT_ONCE rank files
+together. Each piece travels as blocks that are slices of the source, written straight from its memory map: row
+blocks (`Kind.shard_parts`, over the source's own blocks from `get_parts`), or column blocks for a row-parallel
+piece (`Columns`, over `get_column_parts`), written row by row. So nothing is concatenated (fused QKV, gate+up) or
+cloned (a slice), and resharding a Megatron checkpoint never merges a weight's TP shards first; only vocabulary
+padding and the source's own dtype conversion build new tensors. Peak memory is the pieces in flight, not a rank's
+shard.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from megatron_bridge.layout import (LAYER_PARAMS, NAME_STYLES, TE_EXTRA_STATE, A
 from megatron_bridge.megatron_args import arch_from_args, parallel_sizes, shape_from_args
 from megatron_bridge.param_kinds import ROW, Kind, Shape, check_tp
 from megatron_bridge.rank_file_writer import Columns
+
+# Rank files written together, each by its own thread (a big node's cores; the page-cache copy is the cost).
+RANK_FILES_AT_ONCE = max(1, min(8, os.cpu_count() or 1))
 
 
 def _rows(blocks: list[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
@@ -193,11 +197,13 @@ def write_legacy(source: TensorSource, dst: str, args: argparse.Namespace, *, st
         # Counted in tensors, not ranks, so the bar moves at TP=1 PP=1 too.
         bar = tqdm(total=count_rank_tensors(args, cfg.num_layers), unit="tensor", disable=not progress,
                    desc=f"writing {os.path.basename(os.path.abspath(dst))}")
-        for p in range(pp):
-            for t in range(tp):
-                legacy_format.save_rank_streamed(tmp, iteration, t, p, args,
-                                                 rank_tensors(source, args, style, t, p), on_tensor=bar.update)
-                source.release()  # after the rank file is closed: no write still reads the source's maps
+        ranks = [(t, p) for p in range(pp) for t in range(tp)]  # a stage's TP ranks together: each source
+        for first in range(0, len(ranks), RANK_FILES_AT_ONCE):  # tensor is read once for all of them
+            wave = ranks[first:first + RANK_FILES_AT_ONCE]
+            legacy_format.save_ranks_streamed(tmp, iteration, args,
+                                              {(t, p): rank_tensors(source, args, style, t, p) for t, p in wave},
+                                              on_tensor=bar.update)
+            source.release()  # after the rank files are closed: no write still reads the source's maps
         bar.close()
         legacy_format.write_tracker(tmp, iteration)
         if copy_sidecar_from:

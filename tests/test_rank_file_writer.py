@@ -167,6 +167,34 @@ def test_a_streamed_rank_holds_a_few_tensors_not_the_rank(tmp_path):
     assert path.endswith(os.path.join("release", "mp_rank_00", "model_optim_rng.pt"))
 
 
+def test_rank_files_written_together_are_the_bytes_of_each_written_alone(tmp_path):
+    """save_ranks_streamed takes one tensor of each rank in turn (stages of different lengths, a None entry) with
+    the in-flight budget shared: each file holds, record for record, the bytes save_rank_streamed writes for that
+    rank alone (but torch.save's random serialization id), the paths come back in the ranks' order and progress
+    counts every tensor once."""
+    args = argparse.Namespace(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+
+    def items(t, p):
+        for i in range(3 + 2 * p):
+            yield 0, f"layers.{i}.weight", torch.full((64, 32 + t), float(10 * t + p + i))
+        yield 0, "layers.0._extra_state", None
+
+    ranks = [(t, p) for p in range(2) for t in range(2)]
+    seen = []
+    paths = legacy_format.save_ranks_streamed(str(tmp_path / "together"), None, args,
+                                              {r: items(*r) for r in ranks}, on_tensor=lambda: seen.append(1),
+                                              max_in_flight=1 << 14)
+    assert len(seen) == 2 * 3 + 2 * 5
+    for (t, p), path in zip(ranks, paths):
+        alone = legacy_format.save_rank_streamed(str(tmp_path / "alone"), None, t, p, args, items(t, p))
+        assert path.endswith(os.path.join("release", f"mp_rank_{t:02d}_{p:03d}", "model_optim_rng.pt"))
+        with zipfile.ZipFile(path) as a, zipfile.ZipFile(alone) as b:
+            assert a.namelist() == b.namelist(), (t, p)
+            for record in a.namelist():  # the same records in the same order; only the random id is per file
+                if not record.endswith(".data/serialization_id"):
+                    assert a.read(record) == b.read(record), (t, p, record)
+
+
 def test_what_the_writer_cannot_store_is_refused_by_name(tmp_path):
     with RankFileWriter(str(tmp_path / "x.pt")) as w:
         with pytest.raises(TypeError, match="x.pt: add\\(\\) takes a tensor or a list of tensors, got int"):

@@ -134,7 +134,9 @@ class DcpFiles:
 
     def _close_file(self) -> None:
         if self._fd is not None:
-            self._submit(_sync_close, self._fd)  # the writer thread syncs it while this one goes on
+            # Closed by the writer thread after its last write; not fsynced here: atomic_directory fsyncs every
+            # file before the rename, and an fsync per file stalled the one writer thread for each file's flush.
+            self._submit(os.close, self._fd)
             self._fd = None
 
     def close(self) -> None:
@@ -149,13 +151,6 @@ def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _sync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

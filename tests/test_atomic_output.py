@@ -91,11 +91,18 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 120):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt. A suite
+    started in the background of a script (`pytest &`) inherits SIGINT ignored, and the CLI rightly keeps a signal
+    its parent ignored ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_stuck(src: str, dst: str, *extra: str) -> tuple[subprocess.Popen, int, int]:
     """Start a conversion and return once it is held inside its partial folder."""
     r, w, filled = _full_pipe()
     proc = subprocess.Popen([sys.executable, "-m", "launch", "convert", src, dst, *extra], env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=w)
+                            stdout=subprocess.DEVNULL, stderr=w, preexec_fn=_interruptible)
     os.close(w)
     _wait_for(lambda: any(".partial-" in n for n in _siblings(dst)), proc, "the partial folder to appear")
     return proc, r, filled

@@ -248,12 +248,13 @@ def paired_runs(runs: int, convert, copy, cleanup) -> tuple[list[dict], list[dic
     each ratio compares two runs under the same conditions. Run times here drift by 2x within minutes: a VM whose
     freed memory goes back to the host (virtio-balloon free page reporting; drop_caches frees gigabytes) pays the
     host again for every page it touches, in the copy as in the conversion."""
-    conversions, copies = [], []
+    make = {"convert": convert, "copy": copy}
+    samples: dict[str, list[dict]] = {"convert": [], "copy": []}
     for i in range(runs):
         for kind in (("convert", "copy") if i % 2 == 0 else ("copy", "convert")):
-            (conversions if kind == "convert" else copies).append(timed(*(convert if kind == "convert" else copy)()))
+            samples[kind].append(timed(*make[kind]()))
             cleanup(kind)
-    return conversions, copies
+    return samples["convert"], samples["copy"]
 
 
 # ---------------------------------------------------------------------------------------------- the bench
